@@ -1,0 +1,40 @@
+"""tunelab's command line: command name -> (arguments, function); nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tunelab.errors import TunelabError
+from tunelab.evaluate.cli import add_eval_arguments, add_predict_arguments, run_eval, run_predict
+from tunelab.train.cli import add_arguments as add_train_arguments
+from tunelab.train.cli import run as run_train
+
+COMMANDS = {
+    "train": (add_train_arguments, run_train),
+    "eval": (add_eval_arguments, run_eval),
+    "predict": (add_predict_arguments, run_predict),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tunelab",
+        description="Prompt tuning versus fine-tuning of language models, measured on your data.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_arguments, fn) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=fn.__doc__, description=fn.__doc__))
+    args = parser.parse_args(argv)
+    try:
+        COMMANDS[args.command][1](args)
+    except TunelabError as e:
+        print(f"tunelab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""The one error type for bad user input: printed as one line, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+
+class TunelabError(Exception):
+    """Something the user gave us is wrong; the message names the file, line and value."""
+
+
+def at(path: object, line: int | None = None) -> str:
+    """`file:line` prefix for an error message."""
+    return f"{path}:{line}" if line is not None else f"{path}"

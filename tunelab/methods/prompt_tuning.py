@@ -1,0 +1,142 @@
+"""Prompt tuning: n trainable input vectors, every backbone weight frozen.
+
+Lester, Al-Rfou and Constant 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning".
+Initialising the prompt from the class label words' embeddings worked best there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tunelab.errors import TunelabError
+from tunelab.methods.base import TunedLM, set_trainable
+
+INITS = ("random", "vocab", "text", "labels")
+INSERTS = ("after_bos", "start")
+
+
+@dataclass
+class PromptTuningConfig:
+    num_virtual_tokens: int = 20
+    init: str = "labels"  # random | vocab (sampled token embeddings) | text | labels
+    init_text: str = ""
+    insert: str = "after_bos"  # after_bos (or at the start when there is no BOS) | start
+    lr: float = 3e-2  # soft prompts want a far larger step than weights
+
+    def __post_init__(self):
+        if self.num_virtual_tokens < 1:
+            raise TunelabError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        if self.init not in INITS:
+            raise TunelabError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init == "text" and not self.init_text:
+            raise TunelabError("init=text needs init_text=<some text>")
+        if self.insert not in INSERTS:
+            raise TunelabError(f"insert must be one of {', '.join(INSERTS)}, got {self.insert!r}")
+
+
+class SoftPrompt(nn.Module):
+    """n virtual token embeddings placed after the BOS token (or first) of every row."""
+
+    def __init__(self, weight: torch.Tensor, insert: str = "after_bos"):
+        super().__init__()
+        self.embedding = nn.Parameter(weight.clone())  # (n, D)
+        self.insert_at = insert
+
+    @property
+    def n(self) -> int:
+        return self.embedding.shape[0]
+
+    def insert(self, embeds, mask, input_ids, bos_id):
+        """(B, T, D), (B, T) → (B, T+n, D), (B, T+n), for left- or right-padded rows.
+
+        Each row gets the prompt at its own position p_b (first real token, +1 past a BOS):
+        output slot j takes input token j before p_b, prompt vector j-p_b inside, token j-n after.
+        """
+        B, T, D = embeds.shape
+        n = self.n
+        first = (mask.cumsum(1) == 0).sum(1)  # (B,) leading pads: 0 under right padding
+        p = first
+        if self.insert_at == "after_bos" and bos_id is not None:
+            starts_bos = input_ids.gather(1, first.clamp(max=T - 1)[:, None]).squeeze(1) == bos_id
+            p = first + starts_bos.long()
+        j = torch.arange(T + n, device=embeds.device)[None, :]  # (1, T+n)
+        p = p[:, None]  # (B, 1)
+        in_prompt = (j >= p) & (j < p + n)  # (B, T+n)
+        src = torch.where(j < p, j, j - n).clamp(0, T - 1)  # (B, T+n) source token index
+        tokens = embeds.gather(1, src[..., None].expand(B, T + n, D))
+        prompt = self.embedding[(j - p).clamp(0, n - 1)].to(embeds.dtype)  # (B, T+n, D)
+        out = torch.where(in_prompt[..., None], prompt, tokens)
+        new_mask = torch.where(in_prompt, torch.ones_like(src), mask.gather(1, src))
+        return out, new_mask
+
+
+def initial_prompt(cfg: PromptTuningConfig, model, tokenizer, label_word_ids: list[list[int]],
+                   generator: torch.Generator) -> torch.Tensor:
+    """(n, D) starting vectors for the soft prompt."""
+    table = model.get_input_embeddings().weight.detach()  # (V, D)
+    n = cfg.num_virtual_tokens
+    if cfg.init == "random":
+        # uniform in the range of the vocabulary's values, as Lester et al. compare against
+        std = table.float().std().item()
+        return torch.randn(n, table.shape[1], generator=generator) * std
+    if cfg.init == "vocab":
+        # sample from the 5,000 most common tokens (BPE ids are roughly frequency-ordered)
+        top = min(5000, table.shape[0])
+        ids = torch.randint(0, top, (n,), generator=generator)
+    else:
+        if cfg.init == "text":
+            seq = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+        else:
+            seq = [t for word in label_word_ids for t in word]
+        if not seq:
+            raise TunelabError(f"init={cfg.init}: nothing to initialise from")
+        ids = torch.tensor([seq[i % len(seq)] for i in range(n)])  # repeat to fill n
+    return table[ids].float().clone()
+
+
+def build(backbone, cfg: PromptTuningConfig, label_word_ids, seed: int = 0) -> TunedLM:
+    """Freeze the backbone and add a soft prompt: the only trainable tensor."""
+    set_trainable(backbone.model, False)
+    g = torch.Generator().manual_seed(seed)
+    weight = initial_prompt(cfg, backbone.model, backbone.tokenizer, label_word_ids, g)
+    prompt = SoftPrompt(weight.to(backbone.model.get_input_embeddings().weight.dtype), cfg.insert)
+    return TunedLM(backbone.model, prompt, backbone.tokenizer.bos_token_id)
+
+
+def restore(backbone, cfg: PromptTuningConfig, tensors: dict, source: str) -> TunedLM:
+    """Rebuild a trained prompt from an artifact's tensors, checking their shape."""
+    weight = tensors.get("prompt_embeddings")
+    want = (cfg.num_virtual_tokens, backbone.model.get_input_embeddings().weight.shape[1])
+    if weight is None:
+        raise TunelabError(f"{source}: no tensor 'prompt_embeddings' (has: {', '.join(tensors)})")
+    if tuple(weight.shape) != want:
+        raise TunelabError(
+            f"{source}: prompt_embeddings has shape {tuple(weight.shape)}, but this model and "
+            f"config need {want} ({cfg.num_virtual_tokens} virtual tokens x hidden size)"
+        )
+    set_trainable(backbone.model, False)
+    dtype = backbone.model.get_input_embeddings().weight.dtype
+    prompt = SoftPrompt(weight.to(dtype), cfg.insert)
+    prompt.requires_grad_(False)
+    return TunedLM(backbone.model, prompt, backbone.tokenizer.bos_token_id)
+
+
+def peft_files(tuned: TunedLM, cfg: PromptTuningConfig, base_path: str) -> tuple[dict, dict]:
+    """adapter_config.json and adapter_model.safetensors in PEFT's prompt-tuning format."""
+    mc = tuned.model.config
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_path,
+        "num_virtual_tokens": cfg.num_virtual_tokens,
+        "token_dim": mc.hidden_size,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": mc.num_attention_heads,
+        "num_layers": mc.num_hidden_layers,
+        "prompt_tuning_init": "RANDOM",
+        "inference_mode": True,
+    }
+    return config, {"prompt_embeddings": tuned.prompt.embedding.detach().float().contiguous()}

@@ -1,0 +1,61 @@
+"""Score label words at the answer position, computing logits only where they are needed."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.tasks.verbalizer import Verbalizer
+
+
+def last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask → (B,) index of each row's last real token, for left or right padding."""
+    return mask.size(1) - 1 - mask.flip(1).argmax(1)
+
+
+def hidden_states(tuned, input_ids, attention_mask):
+    """Final hidden states (B, T', D) and mask (B, T') without the LM head over every position."""
+    embeds, mask = tuned.embed(input_ids, attention_mask)
+    # positions count real tokens only, so left padding does not shift the rotary positions
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    out = tuned.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids)
+    return out.last_hidden_state, mask
+
+
+def _label_logsumexp(word_scores: torch.Tensor, verbalizer: Verbalizer) -> torch.Tensor:
+    """(B, W) word scores → (B, C) label scores: log of the summed probability of its words."""
+    owner = torch.tensor(verbalizer.owner, device=word_scores.device)
+    member = owner[None, :] == torch.arange(len(verbalizer.labels), device=owner.device)[:, None]
+    masked = word_scores[:, None, :].masked_fill(~member[None], float("-inf"))  # (B, C, W)
+    return masked.logsumexp(-1)
+
+
+def label_logprobs(tuned, batch: dict, verbalizer: Verbalizer) -> torch.Tensor:
+    """(B, C) log-probabilities of each label, normalised over the labels."""
+    head = tuned.model.get_output_embeddings()
+    h, mask = hidden_states(tuned, batch["input_ids"], batch["attention_mask"])
+    last = last_positions(mask)  # (R,)
+    if verbalizer.single_token:
+        h_last = h[torch.arange(h.size(0)), last]  # (B, D)
+        ids = torch.tensor([w[0] for w in verbalizer.words], device=h.device)
+        # only the label words' rows of the LM head: (B, D) @ (D, W)
+        word_scores = h_last @ head.weight[ids].T.to(h_last.dtype)
+        if getattr(head, "bias", None) is not None:
+            word_scores = word_scores + head.bias[ids]
+    else:
+        # rows are (example, word) pairs; the word's L tokens are predicted at the L last slots
+        W = len(verbalizer.words)
+        lens = torch.tensor([len(w) for w in verbalizer.words], device=h.device).repeat(
+            h.size(0) // W)  # (R,)
+        L = int(lens.max())
+        offs = torch.arange(L, device=h.device)[None, :]  # (1, L)
+        valid = offs < lens[:, None]  # (R, L)
+        pos = (last[:, None] - lens[:, None] + 1 + offs).clamp(min=0)  # (R, L)
+        h_words = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))  # (R, L, D)
+        logp = F.log_softmax(head(h_words).float(), -1)  # (R, L, V): full vocab at L slots only
+        targets = torch.zeros_like(pos)
+        for r in range(W):
+            targets[r::W, : len(verbalizer.words[r])] = torch.tensor(verbalizer.words[r])
+        tok = logp.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~valid, 0.0)
+        word_scores = tok.sum(-1).view(-1, W)  # (B, W)
+    return F.log_softmax(_label_logsumexp(word_scores.float(), verbalizer), -1)

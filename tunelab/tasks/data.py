@@ -1,0 +1,96 @@
+"""Load a task's splits: read files, check every row, carve holdout/validation, sample few-shot."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.tasks.readers import Record, read_dataset, read_rows
+from tunelab.tasks.spec import TaskSpec
+
+
+def _check_rows(task: TaskSpec, split: str, rows: list[Record]) -> None:
+    if not rows:
+        where = task.data.get(split, task.source)
+        raise TunelabError(f"{where}: split {split!r} has no rows")
+    needed = list(task.input_fields) + ([task.label_field] if task.label_field else [])
+    for r in rows:
+        for name in needed:
+            if name not in r.fields:
+                present = ", ".join(map(str, r.fields)) or "none"
+                raise TunelabError(f"{r.where}: missing field {name!r} (fields present: {present})")
+        if task.label_field:
+            label = str(r.fields[task.label_field])
+            if label not in task.verbalizer:
+                raise TunelabError(
+                    f"{r.where}: label {label!r} is not in the verbalizer "
+                    f"(labels: {', '.join(task.labels)})"
+                )
+
+
+def label_of(task: TaskSpec, record: Record) -> str:
+    return str(record.fields[task.label_field])
+
+
+def _per_class(task: TaskSpec, rows: list[Record], k: int, rng: random.Random):
+    """Split rows into (k per class, the rest), drawn with rng."""
+    by_label: dict[str, list[Record]] = defaultdict(list)
+    for r in rows:
+        by_label[label_of(task, r)].append(r)
+    taken: list[Record] = []
+    for label in task.labels:
+        group = by_label.get(label, [])
+        taken += rng.sample(group, min(k, len(group)))
+    ids = {id(r) for r in taken}
+    rng.shuffle(taken)
+    return taken, [r for r in rows if id(r) not in ids]
+
+
+def _carve(rows: list[Record], size: float, rng: random.Random):
+    n = int(round(size * len(rows))) if size < 1 else int(size)
+    n = min(n, len(rows) - 1)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    carved = {i for i in order[:n]}
+    return [rows[i] for i in sorted(carved)], [r for i, r in enumerate(rows) if i not in carved]
+
+
+def load_splits(task: TaskSpec) -> dict[str, list[Record]]:
+    """Every split of the task, checked, with holdout, few-shot and validation applied.
+
+    Order (seeded, so every run sees the same rows): split files are read; `holdout` splits are
+    carved from train; few-shot sampling keeps k rows per class of train; a missing validation
+    split is carved from the remaining train rows (k per class under few-shot, as in LM-BFF).
+    """
+    if task.dataset:
+        name, config = task.dataset["name"], task.dataset.get("config")
+        splits = {s: read_dataset(name, config, s) for s in task.dataset.get("splits", ["train"])}
+    else:
+        splits = {s: read_rows(Path(p), task.encoding) for s, p in task.data.items()}
+    for split, rows in splits.items():
+        _check_rows(task, split, rows)
+
+    rng = random.Random(task.validation.seed)
+    train = splits["train"]
+    for split, size in task.holdout.items():
+        splits[split], train = _carve(train, size, rng)
+    rest: list[Record] = []
+    if task.few_shot is not None:
+        if task.label_field is None:
+            train, rest = _carve(train, len(train) - task.few_shot.k, random.Random(task.few_shot.seed))
+        else:
+            train, rest = _per_class(task, train, task.few_shot.k, random.Random(task.few_shot.seed))
+    val_name = task.validation.split
+    if val_name not in splits and task.validation.size > 0:
+        if task.few_shot is not None and task.label_field is not None:
+            splits[val_name], _ = _per_class(task, rest, task.few_shot.k, rng)
+        else:
+            splits[val_name], train = _carve(train, task.validation.size, rng)
+    splits["train"] = train
+    for split, rows in splits.items():
+        if not rows:
+            raise TunelabError(f"{task.source}: split {split!r} is empty after sampling")
+    return splits
+

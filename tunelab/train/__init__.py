@@ -1,0 +1,1 @@
+"""The training loop, its config, and atomic checkpoints."""

@@ -1,0 +1,87 @@
+"""Training settings, and `--set key=value` applied to typed dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import yaml
+
+from tunelab.errors import TunelabError
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    batch_size: int = 8
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float | None = None  # None: the method's default
+    weight_decay: float = 0.0
+    warmup: float = 0.06  # a fraction of steps (< 1) or a number of steps
+    schedule: str = "linear"  # decay after warmup: linear | cosine | constant
+    max_grad_norm: float = 1.0
+    bf16: bool = False  # bfloat16 autocast (CPU with avx512_bf16, or CUDA)
+    eval_every: int = 50  # steps between validation runs
+    patience: int = 0  # validation runs without improvement before stopping; 0 = never stop early
+    save_every: int = 50  # steps between checkpoints
+    seed: int = 42
+    eval_batch_size: int = 32
+    max_length: int = 512  # prompt tokens; longer prompts keep their end
+    padding_side: str = "left"
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every",
+                     "eval_batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise TunelabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.schedule not in SCHEDULES:
+            raise TunelabError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.padding_side not in ("left", "right"):
+            raise TunelabError(f"padding_side must be left or right, got {self.padding_side!r}")
+        if self.lr is not None and self.lr <= 0:
+            raise TunelabError(f"lr must be > 0, got {self.lr}")
+
+    def warmup_steps(self) -> int:
+        return int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
+
+
+def _coerce(cls, name: str, raw: str, value):
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    if value is None and "None" in kind:
+        return None
+    if "bool" in kind:
+        if isinstance(value, bool):
+            return value
+    elif "int" in kind and "float" not in kind:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif "float" in kind:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif "str" in kind:
+        return raw
+    else:
+        return value
+    raise TunelabError(f"--set {name}={raw}: expected {kind.replace(' | None', '')}, got {raw!r}")
+
+
+def apply_overrides(pairs: list[str], *configs):
+    """Apply `key=value` strings to whichever of the dataclass instances has that field."""
+    out = list(configs)
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise TunelabError(f"--set {pair!r}: expected key=value")
+        for i, cfg in enumerate(out):
+            if key in {f.name for f in dataclasses.fields(cfg)}:
+                value = _coerce(type(cfg), key, raw, yaml.safe_load(raw) if raw else "")
+                out[i] = dataclasses.replace(cfg, **{key: value})  # re-runs __post_init__ checks
+                break
+        else:
+            known = sorted({f.name for cfg in out for f in dataclasses.fields(cfg)})
+            raise TunelabError(f"--set {key}: unknown setting (known: {', '.join(known)})")
+    return out
