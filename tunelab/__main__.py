@@ -20,7 +20,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tunelab",
-        description="Prompt tuning versus fine-tuning of language models, measured on your data.")
+        description="Prompt tuning versus fine-tuning of language models, measured on your data.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_arguments, fn) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=fn.__doc__, description=fn.__doc__))

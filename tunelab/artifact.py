@@ -28,9 +28,13 @@ def versions() -> dict:
     import peft
     import transformers
 
-    return {"tunelab": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
+    return {
+        "tunelab": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _write_json(obj: dict, path: Path) -> None:
@@ -39,9 +43,18 @@ def _write_json(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_artifact(out: Path, method: str, method_cfg, tuned, task: TaskSpec, backbone: Backbone,
-                  train_cfg=None, metrics: dict | None = None, history: list | None = None,
-                  demo_pool: list[Record] | None = None) -> None:
+def save_artifact(
+    out: Path,
+    method: str,
+    method_cfg,
+    tuned,
+    task: TaskSpec,
+    backbone: Backbone,
+    train_cfg=None,
+    metrics: dict | None = None,
+    history: list | None = None,
+    demo_pool: list[Record] | None = None,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     peft_config, tensors = methods.get(method).peft_files(tuned, method_cfg, backbone.path)
     atomic_save(tensors, out / WEIGHTS, {"format": "pt"})
@@ -51,8 +64,11 @@ def save_artifact(out: Path, method: str, method_cfg, tuned, task: TaskSpec, bac
         "method": method,
         "method_config": dataclasses.asdict(method_cfg),
         "task": task.to_dict(),
-        "base_model": {"name": backbone.name, "path": backbone.path,
-                       "fingerprint": backbone.fingerprint},
+        "base_model": {
+            "name": backbone.name,
+            "path": backbone.path,
+            "fingerprint": backbone.fingerprint,
+        },
         "train_config": dataclasses.asdict(train_cfg) if train_cfg else None,
         "metrics": metrics or {},
         "history": history or [],
@@ -88,7 +104,9 @@ def load_artifact(path: Path, backbone: Backbone | None = None):
     if not weights.is_file():
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         if pickles:
-            raise TunelabError(f"{path / pickles[0]}: a pickle file; tunelab loads only safetensors")
+            raise TunelabError(
+                f"{path / pickles[0]}: a pickle file; tunelab loads only safetensors"
+            )
         raise TunelabError(f"{weights}: missing")
     base = meta["base_model"]
     backbone = backbone or load_backbone(base["name"])

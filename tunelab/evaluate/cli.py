@@ -23,8 +23,14 @@ from tunelab.train.loop import resolve_device
 
 # what an artifact fixes (so inference prompts exactly as training did) versus what --task may
 # change (which data to read)
-_PROMPT_KEYS = ("template", "input_fields", "label_field", "verbalizer", "answer_prefix",
-                "demonstrations")
+_PROMPT_KEYS = (
+    "template",
+    "input_fields",
+    "label_field",
+    "verbalizer",
+    "answer_prefix",
+    "demonstrations",
+)
 
 
 def _load(adapter: Path | None, model: str | None, device: str):
@@ -33,31 +39,61 @@ def _load(adapter: Path | None, model: str | None, device: str):
         backbone = load_backbone(model)
         tuned, task, meta = TunedLM(backbone.model), None, {}
     else:
-        tuned, task, meta, backbone = load_artifact(adapter, load_backbone(model) if model else None)
+        tuned, task, meta, backbone = load_artifact(
+            adapter, load_backbone(model) if model else None
+        )
     tuned.to(resolve_device(device))
     return tuned, task, meta, backbone
 
 
 def _pool(task, meta: dict) -> list[Record]:
-    return [Record(f, "demonstration_pool", i) for i, f in
-            enumerate(meta.get("demonstration_pool", []), start=1)]
+    return [
+        Record(f, "demonstration_pool", i)
+        for i, f in enumerate(meta.get("demonstration_pool", []), start=1)
+    ]
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default=None,
-                   help="task YAML file or built-in task (default with --adapter: its own task)")
-    p.add_argument("--adapter", type=Path, default=None,
-                   help="artifact directory from `tunelab train`; without it the untrained "
-                        "model is evaluated (zero-shot, or in-context with --demos)")
-    p.add_argument("--split", default=None, help="split to evaluate (default: test, else validation)")
-    p.add_argument("--model", default=None, help="base model (default: the artifact's, "
-                                                  "else the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--demos", type=int, default=None,
-                   help="context demonstrations per class (overrides the task file)")
-    p.add_argument("--predictions", type=Path, default=None,
-                   help="write one JSON line per row (default with --adapter: "
-                        "ADAPTER/predictions-SPLIT.jsonl)")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="task YAML file or built-in task (default with --adapter: its own task)",
+    )
+    p.add_argument(
+        "--adapter",
+        type=Path,
+        default=None,
+        help="artifact directory from `tunelab train`; without it the untrained "
+        "model is evaluated (zero-shot, or in-context with --demos)",
+    )
+    p.add_argument(
+        "--split", default=None, help="split to evaluate (default: test, else validation)"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="base model (default: the artifact's, else the built-in SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--demos",
+        type=int,
+        default=None,
+        help="context demonstrations per class (overrides the task file)",
+    )
+    p.add_argument(
+        "--predictions",
+        type=Path,
+        default=None,
+        help="write one JSON line per row (default with --adapter: "
+        "ADAPTER/predictions-SPLIT.jsonl)",
+    )
     p.add_argument("--metrics", type=Path, default=None, help="also write the metrics as JSON")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="evaluate the first N rows of the split only (a quick look)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -73,27 +109,40 @@ def run_eval(args: argparse.Namespace) -> None:
         task = dataclasses.replace(task, **{k: getattr(art_task, k) for k in _PROMPT_KEYS})
     if args.demos is not None:
         task = dataclasses.replace(
-            task, demonstrations=dataclasses.replace(task.demonstrations, k=args.demos))
+            task, demonstrations=dataclasses.replace(task.demonstrations, k=args.demos)
+        )
     max_length = (meta.get("train_config") or {}).get("max_length", 512)
     pool = _pool(task, meta) if meta.get("demonstration_pool") else None
     prep = PreparedTask.load(task, backbone.tokenizer, max_length, demo_pool=pool)
     split = prep.eval_split(args.split)
+    prep.limit(split, args.limit)
     metrics, logp = evaluate_split(tuned, prep, split, args.batch_size, bf16=args.bf16)
     mode = meta.get("method") or ("in-context" if task.demonstrations.k else "zero-shot")
-    print(f"{task.name} [{split}] {mode}: accuracy {metrics['accuracy']:.4f}, "
-          f"macro-F1 {metrics['macro_f1']:.4f}, n={metrics['n']}")
+    print(
+        f"{task.name} [{split}] {mode}: accuracy {metrics['accuracy']:.4f}, "
+        f"macro-F1 {metrics['macro_f1']:.4f}, n={metrics['n']}"
+    )
     print(format_confusion(metrics))
-    out = args.predictions or (args.adapter / f"predictions-{split}.jsonl" if args.adapter else None)
+    out = args.predictions or (
+        args.adapter / f"predictions-{split}.jsonl" if args.adapter else None
+    )
     if out is not None:
         labels = prep.verbalizer.labels
         tmp = out.with_name(f".{out.name}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for rec, ex, row in zip(prep.split(split), prep.examples(split), logp.exp().tolist()):
-                f.write(json.dumps({
-                    "input": {k: rec.fields[k] for k in task.input_fields},
-                    "gold": labels[ex.label], "predicted": labels[max(range(len(row)), key=row.__getitem__)],
-                    "probabilities": dict(zip(labels, (round(p, 6) for p in row))),
-                }, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "input": {k: rec.fields[k] for k in task.input_fields},
+                            "gold": labels[ex.label],
+                            "predicted": labels[max(range(len(row)), key=row.__getitem__)],
+                            "probabilities": dict(zip(labels, (round(p, 6) for p in row))),
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
         os.replace(tmp, out)
         print(f"predictions: {out}")
     if args.metrics:
@@ -102,8 +151,12 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", type=Path, required=True, help="artifact directory")
-    p.add_argument("text", nargs="+", metavar="TEXT",
-                   help="inputs; for a task with several input fields, a JSON object per input")
+    p.add_argument(
+        "text",
+        nargs="+",
+        metavar="TEXT",
+        help="inputs; for a task with several input fields, a JSON object per input",
+    )
     p.add_argument("--model", default=None, help="base model (default: the artifact's)")
     p.add_argument("--json", action="store_true", help="print one JSON object per input")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -118,8 +171,10 @@ def _record(task, text: str, i: int) -> Record:
     elif len(task.input_fields) == 1:
         fields = {task.input_fields[0]: text}
     else:
-        raise TunelabError(f"input {i}: this task has input fields "
-                           f"{', '.join(task.input_fields)}; give a JSON object per input")
+        raise TunelabError(
+            f"input {i}: this task has input fields "
+            f"{', '.join(task.input_fields)}; give a JSON object per input"
+        )
     missing = [f for f in task.input_fields if f not in fields]
     if missing:
         raise TunelabError(f"input {i}: missing field {missing[0]!r}: {text[:80]!r}")
@@ -130,19 +185,35 @@ def run_predict(args: argparse.Namespace) -> None:
     """The label and label probabilities for each TEXT, from a trained artifact."""
     tuned, task, meta, backbone = _load(args.adapter, args.model, args.device)
     records = [_record(task, t, i) for i, t in enumerate(args.text, start=1)]
-    prep = PreparedTask.load(task, backbone.tokenizer, splits={},
-                             demo_pool=_pool(task, meta) or None)
-    examples = encode(task, records, backbone.tokenizer, prep.demos,
-                      (meta.get("train_config") or {}).get("max_length", 512))
-    probs = predict_logprobs(tuned, examples, prep.verbalizer,
-                             backbone.tokenizer.pad_token_id).exp().tolist()
+    prep = PreparedTask.load(
+        task, backbone.tokenizer, splits={}, demo_pool=_pool(task, meta) or None
+    )
+    examples = encode(
+        task,
+        records,
+        backbone.tokenizer,
+        prep.demos,
+        (meta.get("train_config") or {}).get("max_length", 512),
+    )
+    probs = (
+        predict_logprobs(tuned, examples, prep.verbalizer, backbone.tokenizer.pad_token_id)
+        .exp()
+        .tolist()
+    )
     labels = prep.verbalizer.labels
     for text, row in zip(args.text, probs):
         best = labels[max(range(len(row)), key=row.__getitem__)]
         if args.json:
-            print(json.dumps({"input": text, "label": best,
-                              "probabilities": dict(zip(labels, (round(p, 6) for p in row)))},
-                             ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "input": text,
+                        "label": best,
+                        "probabilities": dict(zip(labels, (round(p, 6) for p in row))),
+                    },
+                    ensure_ascii=False,
+                )
+            )
         else:
             dist = "  ".join(f"{lab}={p:.3f}" for lab, p in zip(labels, row))
             print(f"{best}\t{dist}\t{text}")

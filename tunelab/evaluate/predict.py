@@ -19,9 +19,16 @@ def autocast(device: torch.device, bf16: bool):
 
 
 @torch.no_grad()
-def predict_logprobs(tuned, examples: list[Example], verbalizer: Verbalizer, pad_id: int,
-                     batch_size: int = 32, padding_side: str = "left", bf16: bool = False,
-                     progress=None) -> torch.Tensor:
+def predict_logprobs(
+    tuned,
+    examples: list[Example],
+    verbalizer: Verbalizer,
+    pad_id: int,
+    batch_size: int = 32,
+    padding_side: str = "left",
+    bf16: bool = False,
+    progress=None,
+) -> torch.Tensor:
     """(N, C) label log-probabilities, in the order of `examples`."""
     device = next(tuned.parameters()).device
     was_training = tuned.training
@@ -30,7 +37,7 @@ def predict_logprobs(tuned, examples: list[Example], verbalizer: Verbalizer, pad
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     out = torch.empty(len(examples), len(verbalizer.labels))
     for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
+        idx = order[start : start + batch_size]
         batch = collate([examples[i] for i in idx], verbalizer, pad_id, padding_side)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, bf16):
@@ -41,19 +48,38 @@ def predict_logprobs(tuned, examples: list[Example], verbalizer: Verbalizer, pad
     return out
 
 
-def evaluate_split(tuned, prepared, split: str, batch_size: int = 32, padding_side: str = "left",
-                   bf16: bool = False) -> tuple[dict, torch.Tensor]:
+def evaluate_split(
+    tuned,
+    prepared,
+    split: str,
+    batch_size: int = 32,
+    padding_side: str = "left",
+    bf16: bool = False,
+) -> tuple[dict, torch.Tensor]:
     """Metrics and (N, C) log-probabilities of the model on one split of a prepared task."""
     from tqdm import tqdm
 
     from tunelab.evaluate.metrics import classification_metrics
 
     examples = prepared.examples(split)
-    with tqdm(total=len(examples), desc=f"eval {split}", unit="ex", dynamic_ncols=True,
-              mininterval=1.0, leave=False) as bar:
-        logp = predict_logprobs(tuned, examples, prepared.verbalizer,
-                                prepared.tokenizer.pad_token_id, batch_size, padding_side, bf16,
-                                progress=bar)
+    with tqdm(
+        total=len(examples),
+        desc=f"eval {split}",
+        unit="ex",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        leave=False,
+    ) as bar:
+        logp = predict_logprobs(
+            tuned,
+            examples,
+            prepared.verbalizer,
+            prepared.tokenizer.pad_token_id,
+            batch_size,
+            padding_side,
+            bf16,
+            progress=bar,
+        )
     gold = [ex.label for ex in examples]
     metrics = classification_metrics(gold, logp.argmax(-1).tolist(), prepared.verbalizer.labels)
     metrics["split"] = split

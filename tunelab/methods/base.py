@@ -15,7 +15,9 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
 class TunedLM(nn.Module):
     """A causal LM and, optionally, a soft prompt inserted into its input embeddings."""
 
-    def __init__(self, model: nn.Module, prompt: nn.Module | None = None, bos_id: int | None = None):
+    def __init__(
+        self, model: nn.Module, prompt: nn.Module | None = None, bos_id: int | None = None
+    ):
         super().__init__()
         self.model = model
         self.prompt = prompt

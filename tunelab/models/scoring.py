@@ -18,7 +18,9 @@ def hidden_states(tuned, input_ids, attention_mask):
     embeds, mask = tuned.embed(input_ids, attention_mask)
     # positions count real tokens only, so left padding does not shift the rotary positions
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    out = tuned.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids)
+    out = tuned.model.base_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids
+    )
     return out.last_hidden_state, mask
 
 
@@ -46,11 +48,13 @@ def label_logprobs(tuned, batch: dict, verbalizer: Verbalizer) -> torch.Tensor:
         # rows are (example, word) pairs; the word's L tokens are predicted at the L last slots
         W = len(verbalizer.words)
         lens = torch.tensor([len(w) for w in verbalizer.words], device=h.device).repeat(
-            h.size(0) // W)  # (R,)
+            h.size(0) // W
+        )  # (R,)
         L = int(lens.max())
         offs = torch.arange(L, device=h.device)[None, :]  # (1, L)
         valid = offs < lens[:, None]  # (R, L)
-        pos = (last[:, None] - lens[:, None] + 1 + offs).clamp(min=0)  # (R, L)
+        # (R, L); slots past a shorter word are clamped into range and masked out below
+        pos = (last[:, None] - lens[:, None] + 1 + offs).clamp(0, h.size(1) - 1)
         h_words = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))  # (R, L, D)
         logp = F.log_softmax(head(h_words).float(), -1)  # (R, L, V): full vocab at L slots only
         targets = torch.zeros_like(pos)

@@ -8,8 +8,9 @@ from tunelab.tasks.encode import Example
 from tunelab.tasks.verbalizer import Verbalizer
 
 
-def collate(examples: list[Example], verbalizer: Verbalizer, pad_id: int,
-            padding_side: str = "left") -> dict[str, torch.Tensor]:
+def collate(
+    examples: list[Example], verbalizer: Verbalizer, pad_id: int, padding_side: str = "left"
+) -> dict[str, torch.Tensor]:
     """Pad prompts into a batch.
 
     Single-token label words: one row per example, scored at its last position.
@@ -25,7 +26,7 @@ def collate(examples: list[Example], verbalizer: Verbalizer, pad_id: int,
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if padding_side == "left":
-            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+            ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
         else:
             ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
     labels = torch.tensor([-100 if ex.label is None else ex.label for ex in examples])

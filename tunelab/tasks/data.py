@@ -79,9 +79,13 @@ def load_splits(task: TaskSpec) -> dict[str, list[Record]]:
     rest: list[Record] = []
     if task.few_shot is not None:
         if task.label_field is None:
-            train, rest = _carve(train, len(train) - task.few_shot.k, random.Random(task.few_shot.seed))
+            train, rest = _carve(
+                train, len(train) - task.few_shot.k, random.Random(task.few_shot.seed)
+            )
         else:
-            train, rest = _per_class(task, train, task.few_shot.k, random.Random(task.few_shot.seed))
+            train, rest = _per_class(
+                task, train, task.few_shot.k, random.Random(task.few_shot.seed)
+            )
     val_name = task.validation.split
     if val_name not in splits and task.validation.size > 0:
         if task.few_shot is not None and task.label_field is not None:
@@ -93,4 +97,3 @@ def load_splits(task: TaskSpec) -> dict[str, list[Record]]:
         if not rows:
             raise TunelabError(f"{task.source}: split {split!r} is empty after sampling")
     return splits
-

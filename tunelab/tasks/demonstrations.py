@@ -77,8 +77,11 @@ class DemoSelector:
             rng = random.Random(self.cfg.seed * 1_000_003 + zlib.crc32(self._text(query).encode()))
         chosen: list[Record] = []
         for label in self.task.labels:
-            cands = [i for i in self.by_label.get(label, [])
-                     if (self.pool[i].source, self.pool[i].line) != own]
+            cands = [
+                i
+                for i in self.by_label.get(label, [])
+                if (self.pool[i].source, self.pool[i].line) != own
+            ]
             if self.cfg.select == "similar":
                 # least similar first, so the most similar sits next to the input
                 picked = sorted(cands, key=lambda i: (scores[i], -i))[-k:]

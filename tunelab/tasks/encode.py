@@ -39,7 +39,7 @@ def encode(
     for seq, r in zip(ids, records):
         if len(seq) > max_length:
             keep_bos = bos is not None and seq[0] == bos
-            seq = ([bos] if keep_bos else []) + seq[len(seq) - max_length + keep_bos:]
+            seq = ([bos] if keep_bos else []) + seq[len(seq) - max_length + keep_bos :]
         label = None
         if task.label_field and task.label_field in r.fields:
             label = task.labels.index(str(r.fields[task.label_field]))

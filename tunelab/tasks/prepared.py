@@ -24,12 +24,19 @@ class PreparedTask:
     _encoded: dict[str, list[Example]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def load(cls, task: TaskSpec, tokenizer, max_length: int = 512,
-             splits: dict[str, list[Record]] | None = None,
-             demo_pool: list[Record] | None = None) -> PreparedTask:
+    def load(
+        cls,
+        task: TaskSpec,
+        tokenizer,
+        max_length: int = 512,
+        splits: dict[str, list[Record]] | None = None,
+        demo_pool: list[Record] | None = None,
+    ) -> PreparedTask:
         if task.label_field is None:
-            raise TunelabError(f"{task.source}: only classification tasks (with `label_field:` and "
-                               "`verbalizer:`) are supported so far")
+            raise TunelabError(
+                f"{task.source}: only classification tasks (with `label_field:` and "
+                "`verbalizer:`) are supported so far"
+            )
         verbalizer = Verbalizer.build(task, tokenizer)
         splits = load_splits(task) if splits is None else splits
         pool = demo_pool if demo_pool is not None else splits.get("train", [])
@@ -46,9 +53,18 @@ class PreparedTask:
     def examples(self, name: str) -> list[Example]:
         """Token ids of a split's prompts, encoded once and kept."""
         if name not in self._encoded:
-            self._encoded[name] = encode(self.task, self.split(name), self.tokenizer, self.demos,
-                                         self.max_length)
+            self._encoded[name] = encode(
+                self.task, self.split(name), self.tokenizer, self.demos, self.max_length
+            )
         return self._encoded[name]
+
+    def limit(self, name: str, n: int | None) -> None:
+        """Keep only the first n rows of a split (before it is encoded)."""
+        if n is not None:
+            if n < 1:
+                raise TunelabError(f"--limit must be >= 1, got {n}")
+            self.splits[name] = self.split(name)[:n]
+            self._encoded.pop(name, None)
 
     def eval_split(self, preferred: str | None = None) -> str:
         """The split to report on: the one asked for, else test, else validation."""

@@ -81,7 +81,7 @@ def read_rows(path: Path, encoding: str = "utf-8") -> list[Record]:
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise TunelabError(
-            f"{at(path, line)}: not valid {encoding} (byte {e.object[e.start:e.end]!r}); "
+            f"{at(path, line)}: not valid {encoding} (byte {e.object[e.start : e.end]!r}); "
             f"set `encoding:` in the task file"
         ) from None
     except OSError as e:

@@ -81,11 +81,15 @@ class TaskSpec:
             if key not in known and key != "source":
                 line = (lines or {}).get(key)
                 raise TunelabError(
-                    f"{at(source, line)}: unknown task key {key!r} (known: {', '.join(sorted(known))})"
+                    f"{at(source, line)}: unknown task key {key!r} "
+                    f"(known: {', '.join(sorted(known))})"
                 )
         d.pop("source", None)
-        for key, sub in (("few_shot", FewShot), ("validation", Validation),
-                         ("demonstrations", Demonstrations)):
+        for key, sub in (
+            ("few_shot", FewShot),
+            ("validation", Validation),
+            ("demonstrations", Demonstrations),
+        ):
             if isinstance(d.get(key), dict):
                 d[key] = _sub(sub, d[key], key, source, lines or {})
         if isinstance(d.get("input_fields"), str):
@@ -111,8 +115,10 @@ class TaskSpec:
                 )
         if self.label_field is not None:
             if not self.verbalizer:
-                raise TunelabError(f"{self.where('label_field')}: a classification task needs a "
-                                   "`verbalizer:` mapping each label to its label words")
+                raise TunelabError(
+                    f"{self.where('label_field')}: a classification task needs a "
+                    "`verbalizer:` mapping each label to its label words"
+                )
             for label, words in self.verbalizer.items():
                 if not words or any(not isinstance(w, str) or not w.strip() for w in words):
                     raise TunelabError(
@@ -120,7 +126,9 @@ class TaskSpec:
                         f"label words, got {words!r}"
                     )
         if not self.data and not self.dataset:
-            raise TunelabError(f"{self.source}: the task file needs `data:` (split: file) or `dataset:`")
+            raise TunelabError(
+                f"{self.source}: the task file needs `data:` (split: file) or `dataset:`"
+            )
         if "train" not in self.data and not self.dataset:
             raise TunelabError(f"{self.where('data')}: `data:` needs a `train:` file")
         if self.demonstrations.select not in ("random", "similar"):
@@ -129,22 +137,29 @@ class TaskSpec:
                 f"'similar', got {self.demonstrations.select!r}"
             )
         if self.demonstrations.k < 0:
-            raise TunelabError(f"{self.where('demonstrations.k')}: demonstrations.k must be >= 0, "
-                               f"got {self.demonstrations.k}")
+            raise TunelabError(
+                f"{self.where('demonstrations.k')}: demonstrations.k must be >= 0, "
+                f"got {self.demonstrations.k}"
+            )
         if self.few_shot is not None and self.few_shot.k < 1:
-            raise TunelabError(f"{self.where('few_shot.k')}: few_shot.k must be >= 1, "
-                               f"got {self.few_shot.k}")
+            raise TunelabError(
+                f"{self.where('few_shot.k')}: few_shot.k must be >= 1, got {self.few_shot.k}"
+            )
         if not 0 <= self.validation.size:
-            raise TunelabError(f"{self.where('validation.size')}: validation.size must be >= 0, "
-                               f"got {self.validation.size}")
+            raise TunelabError(
+                f"{self.where('validation.size')}: validation.size must be >= 0, "
+                f"got {self.validation.size}"
+            )
 
 
 def _sub(cls, values: dict, key: str, source: str, lines: dict):
     names = {f.name for f in dataclasses.fields(cls)}
     for k in values:
         if k not in names:
-            raise TunelabError(f"{at(source, lines.get(f'{key}.{k}'))}: unknown key {key}.{k} "
-                               f"(known: {', '.join(sorted(names))})")
+            raise TunelabError(
+                f"{at(source, lines.get(f'{key}.{k}'))}: unknown key {key}.{k} "
+                f"(known: {', '.join(sorted(names))})"
+            )
     try:
         return cls(**values)
     except TypeError as e:
@@ -152,7 +167,7 @@ def _sub(cls, values: dict, key: str, source: str, lines: dict):
 
 
 def _resolve_path(value: str, base: Path) -> str:
-    """A data path: relative to the task file, or `pkg:NAME/sub/path` inside an installed package."""
+    """A data path: relative to the task file, or `pkg:NAME/sub/path` inside a package."""
     if value.startswith("pkg:"):
         package, _, rest = value[4:].partition("/")
         spec = importlib.util.find_spec(package)
@@ -175,6 +190,8 @@ def load_task(ref: str | Path) -> TaskSpec:
     data = raw.get("data")
     if data is not None:
         if not isinstance(data, dict):
-            raise TunelabError(f"{at(path, lines.get('data'))}: `data:` must map split names to files")
+            raise TunelabError(
+                f"{at(path, lines.get('data'))}: `data:` must map split names to files"
+            )
         raw["data"] = {split: _resolve_path(str(f), path.parent) for split, f in data.items()}
     return TaskSpec.from_dict(raw, source=str(path), lines=lines)

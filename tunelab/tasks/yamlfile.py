@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
 
 from tunelab.errors import TunelabError, at
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. Under YAML 1.1, label words yes/no/on/off would
+    silently become booleans."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def _key_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
@@ -24,12 +39,14 @@ def read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     except (OSError, UnicodeDecodeError) as e:
         raise TunelabError(f"{path}: cannot read task file: {e}") from None
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
+        data = yaml.load(text, Loader=_Loader)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None
-        raise TunelabError(f"{at(path, line)}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        raise TunelabError(
+            f"{at(path, line)}: not valid YAML: {getattr(e, 'problem', e)}"
+        ) from None
     if not isinstance(data, dict):
         raise TunelabError(f"{path}: a task file must be a YAML mapping, got {type(data).__name__}")
     lines: dict[str, int] = {}

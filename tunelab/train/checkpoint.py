@@ -48,7 +48,7 @@ def save_training_state(path: Path, tuned, optimizer: torch.optim.Optimizer, met
 def load_training_state(path: Path, tuned, optimizer: torch.optim.Optimizer) -> dict:
     tensors, meta = load(path)
     tuned.load_trainable_state(
-        {k[len("trainable."):]: v for k, v in tensors.items() if k.startswith("trainable.")}
+        {k[len("trainable.") :]: v for k, v in tensors.items() if k.startswith("trainable.")}
     )
     state: dict[int, dict] = {}
     for key, value in tensors.items():

@@ -20,25 +20,52 @@ from tunelab.train.loop import resolve_device, train
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="task YAML file, or a built-in task: demo")
-    p.add_argument("--method", default="prompt-tuning", choices=list(methods.METHODS),
-                   help="adaptation method (default: prompt-tuning)")
+    p.add_argument(
+        "--method",
+        default="prompt-tuning",
+        choices=list(methods.METHODS),
+        help="adaptation method (default: prompt-tuning)",
+    )
     p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
-    p.add_argument("--model", default=None,
-                   help="hub id, local model directory or .gguf file "
-                        "(default: built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a training or method setting, repeatable: steps, batch_size, "
-                        "grad_accum, lr, weight_decay, warmup, schedule (linear|cosine|constant), "
-                        "max_grad_norm, bf16, eval_every, patience, save_every, seed, "
-                        "eval_batch_size, max_length, padding_side, device; prompt tuning: "
-                        "num_virtual_tokens, init (random|vocab|text|labels), init_text, "
-                        "insert (after_bos|start)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoints/last.safetensors after a crash")
-    p.add_argument("--baseline", action="store_true",
-                   help="also evaluate the untrained model (zero-shot, same template) first")
-    p.add_argument("--eval-split", default=None,
-                   help="split reported at the end (default: test, else validation)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="hub id, local model directory or .gguf file "
+        "(default: built-in SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a training or method setting, repeatable: steps, batch_size, "
+        "grad_accum, lr, weight_decay, warmup, schedule (linear|cosine|constant), "
+        "max_grad_norm, bf16, eval_every, patience, save_every, seed, "
+        "eval_batch_size, max_length, padding_side, device; prompt tuning: "
+        "num_virtual_tokens, init (random|vocab|text|labels), init_text, "
+        "insert (after_bos|start)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoints/last.safetensors after a crash",
+    )
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also evaluate the untrained model (zero-shot, same template) first",
+    )
+    p.add_argument(
+        "--eval-split",
+        default=None,
+        help="split reported at the end (default: test, else validation)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="report on the first N rows of that split only (a quick look)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -48,19 +75,27 @@ def run(args: argparse.Namespace) -> None:
     train_cfg, method_cfg = apply_overrides(args.set, TrainConfig(), methods.CONFIGS[args.method]())
     last = args.out / "checkpoints" / "last.safetensors"
     if last.is_file() and not args.resume:
-        raise TunelabError(f"{args.out}: holds a checkpoint of an earlier run; pass --resume to "
-                           "continue it, or choose another --out")
+        raise TunelabError(
+            f"{args.out}: holds a checkpoint of an earlier run; pass --resume to "
+            "continue it, or choose another --out"
+        )
     backbone = load_backbone(args.model)
     backbone.model.to(resolve_device(train_cfg.device))
     prep = PreparedTask.load(task, backbone.tokenizer, train_cfg.max_length)
     report = prep.eval_split(args.eval_split)
+    prep.limit(report, args.limit)
     val_name = task.validation.split
     train_ex = prep.examples("train")
     val_ex = prep.examples(val_name) if val_name in prep.splits else []
-    print(f"task {task.name}: {len(train_ex)} train, {len(val_ex)} validation, "
-          f"{len(prep.split(report))} {report}; labels {', '.join(prep.verbalizer.labels)}")
-    evaluate = dict(batch_size=train_cfg.eval_batch_size, padding_side=train_cfg.padding_side,
-                    bf16=train_cfg.bf16)
+    print(
+        f"task {task.name}: {len(train_ex)} train, {len(val_ex)} validation, "
+        f"{len(prep.split(report))} {report}; labels {', '.join(prep.verbalizer.labels)}"
+    )
+    evaluate = dict(
+        batch_size=train_cfg.eval_batch_size,
+        padding_side=train_cfg.padding_side,
+        bf16=train_cfg.bf16,
+    )
 
     baseline = None
     if args.baseline:
@@ -70,29 +105,58 @@ def run(args: argparse.Namespace) -> None:
     tuned = method.build(backbone, method_cfg, prep.verbalizer.words, train_cfg.seed)
     n_train = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in tuned.parameters())
-    print(f"{args.method}: {n_train:,} trainable of {n_total:,} parameters "
-          f"({100 * n_train / n_total:.4f}%)")
+    print(
+        f"{args.method}: {n_train:,} trainable of {n_total:,} parameters "
+        f"({100 * n_train / n_total:.4f}%)"
+    )
     start = time.perf_counter()
-    result = train(tuned, train_ex, val_ex, prep.verbalizer, train_cfg,
-                   train_cfg.lr or method_cfg.lr, args.out, backbone.tokenizer.pad_token_id,
-                   resume=args.resume)
+    result = train(
+        tuned,
+        train_ex,
+        val_ex,
+        prep.verbalizer,
+        train_cfg,
+        train_cfg.lr or method_cfg.lr,
+        args.out,
+        backbone.tokenizer.pad_token_id,
+        resume=args.resume,
+    )
     seconds = time.perf_counter() - start
     metrics, _ = evaluate_split(tuned, prep, report, **evaluate)
     summary = {
-        report: metrics, "best_val_accuracy": result.best_metric, "best_step": result.best_step,
-        "steps": result.step, "train_seconds": round(seconds, 1), "trainable_parameters": n_train,
+        report: metrics,
+        "best_val_accuracy": result.best_metric,
+        "best_step": result.best_step,
+        "steps": result.step,
+        "train_seconds": round(seconds, 1),
+        "trainable_parameters": n_train,
         "total_parameters": n_total,
     }
     if baseline is not None:
         summary[f"zero_shot_{report}"] = baseline
-    save_artifact(args.out, args.method, method_cfg, tuned, task, backbone, train_cfg, summary,
-                  result.history, prep.demos.pool if prep.demos else None)
-    best = f" (best validation {result.best_metric:.4f} at step {result.best_step})" \
-        if result.best_metric is not None else ""
+    save_artifact(
+        args.out,
+        args.method,
+        method_cfg,
+        tuned,
+        task,
+        backbone,
+        train_cfg,
+        summary,
+        result.history,
+        prep.demos.pool if prep.demos else None,
+    )
+    best = (
+        f" (best validation {result.best_metric:.4f} at step {result.best_step})"
+        if result.best_metric is not None
+        else ""
+    )
     print(f"trained {result.step} steps in {seconds:.0f}s{best}")
     if baseline is not None:
-        print(f"{report} accuracy: zero-shot {baseline['accuracy']:.4f} -> "
-              f"{args.method} {metrics['accuracy']:.4f}")
+        print(
+            f"{report} accuracy: zero-shot {baseline['accuracy']:.4f} -> "
+            f"{args.method} {metrics['accuracy']:.4f}"
+        )
     else:
         print(f"{report} accuracy: {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
     print(f"artifact: {args.out}")

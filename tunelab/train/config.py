@@ -33,12 +33,21 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every",
-                     "eval_batch_size", "max_length"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "save_every",
+            "eval_batch_size",
+            "max_length",
+        ):
             if getattr(self, name) < 1:
                 raise TunelabError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.schedule not in SCHEDULES:
-            raise TunelabError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            raise TunelabError(
+                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
         if self.padding_side not in ("left", "right"):
             raise TunelabError(f"padding_side must be left or right, got {self.padding_side!r}")
         if self.lr is not None and self.lr <= 0:

@@ -46,7 +46,7 @@ def micro_batch(n: int, cfg: TrainConfig, m: int) -> list[int]:
     epoch, i = divmod(m, per_epoch)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g)
-    return perm[i * cfg.batch_size: (i + 1) * cfg.batch_size].tolist()
+    return perm[i * cfg.batch_size : (i + 1) * cfg.batch_size].tolist()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,14 +56,24 @@ def resolve_device(name: str) -> torch.device:
 
 
 def validation_accuracy(tuned, examples, verbalizer, pad_id, cfg: TrainConfig) -> float:
-    logp = predict_logprobs(tuned, examples, verbalizer, pad_id, cfg.eval_batch_size,
-                            cfg.padding_side, cfg.bf16)
+    logp = predict_logprobs(
+        tuned, examples, verbalizer, pad_id, cfg.eval_batch_size, cfg.padding_side, cfg.bf16
+    )
     gold = torch.tensor([ex.label for ex in examples])
     return (logp.argmax(-1) == gold).float().mean().item()
 
 
-def train(tuned, train_ex, val_ex, verbalizer, cfg: TrainConfig, lr: float, out_dir: Path,
-          pad_id: int, resume: bool = False) -> TrainResult:
+def train(
+    tuned,
+    train_ex,
+    val_ex,
+    verbalizer,
+    cfg: TrainConfig,
+    lr: float,
+    out_dir: Path,
+    pad_id: int,
+    resume: bool = False,
+) -> TrainResult:
     """Train `tuned`'s trainable parameters; leave it holding the best validation weights."""
     device = resolve_device(cfg.device)
     tuned.to(device)
@@ -80,8 +90,14 @@ def train(tuned, train_ex, val_ex, verbalizer, cfg: TrainConfig, lr: float, out_
     def save_last() -> None:
         save_training_state(last_path, tuned, opt, {"result": asdict(res), "config": asdict(cfg)})
 
-    bar = tqdm(total=cfg.steps, initial=res.step, desc="train", unit="step", dynamic_ncols=True,
-               mininterval=1.0)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=res.step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     tuned.train()
     ema = None
     while res.step < cfg.steps and not res.stopped_early:
@@ -117,7 +133,9 @@ def train(tuned, train_ex, val_ex, verbalizer, cfg: TrainConfig, lr: float, out_
             record["val_accuracy"] = acc
             if res.best_metric is None or acc > res.best_metric:
                 res.best_metric, res.best_step, res.bad_evals = acc, res.step, 0
-                atomic_save(tuned.trainable_state(), best_path, {"step": res.step, "val_accuracy": acc})
+                atomic_save(
+                    tuned.trainable_state(), best_path, {"step": res.step, "val_accuracy": acc}
+                )
             else:
                 res.bad_evals += 1
                 if cfg.patience and res.bad_evals >= cfg.patience:

@@ -1,0 +1,185 @@
+"""The command line end to end on a tiny llama: train, eval, predict, and bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tunelab.__main__ import COMMANDS, main
+
+TINY = ["--set", "steps=4", "--set", "batch_size=4", "--set", "eval_every=2"]
+
+
+def _train(model, task, out, *extra):
+    return main(
+        ["train", "--task", str(task), "--model", str(model), "--out", str(out), *TINY, *extra]
+    )
+
+
+def test_train_eval_predict(tiny_model_dir, tiny_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(tiny_model_dir, tiny_task, out, "--baseline") == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy: zero-shot" in printed and f"artifact: {out}" in printed
+    meta = json.loads((out / "tunelab.json").read_text())
+    assert meta["metrics"]["test"]["n"] == 16 and meta["metrics"]["steps"] == 4
+    assert meta["base_model"]["fingerprint"] and meta["versions"]["torch"]
+    assert (out / "checkpoints" / "last.safetensors").is_file()
+
+    assert main(["eval", "--adapter", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny [test] prompt-tuning: accuracy" in printed and "gold \\ pred" in printed
+    rows = [json.loads(x) for x in (out / "predictions-test.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and set(rows[0]) == {"input", "gold", "predicted", "probabilities"}
+    assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-4
+    # the reported accuracy is the one the predictions file gives
+    acc = sum(r["gold"] == r["predicted"] for r in rows) / 16
+    assert f"accuracy {acc:.4f}" in printed
+
+    assert (
+        main(["predict", "--adapter", str(out), "--json", "the film was good .", "dull plot"]) == 0
+    )
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["input"] for x in lines] == ["the film was good .", "dull plot"]
+    assert all(x["label"] in ("positive", "negative") for x in lines)
+
+
+def test_zero_shot_and_in_context_eval(tiny_model_dir, tiny_task, tmp_path, capsys):
+    metrics = tmp_path / "m.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                str(tiny_task),
+                "--model",
+                str(tiny_model_dir),
+                "--metrics",
+                str(metrics),
+            ]
+        )
+        == 0
+    )
+    assert "tiny [test] zero-shot: accuracy" in capsys.readouterr().out
+    assert json.loads(metrics.read_text())["n"] == 16
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                str(tiny_task),
+                "--model",
+                str(tiny_model_dir),
+                "--demos",
+                "1",
+                "--split",
+                "validation",
+                "--limit",
+                "5",
+            ]
+        )
+        == 0
+    )
+    assert "tiny [validation] in-context: accuracy" in capsys.readouterr().out
+
+
+def test_existing_run_needs_resume(tiny_model_dir, tiny_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(tiny_model_dir, tiny_task, out) == 0
+    assert _train(tiny_model_dir, tiny_task, out) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert _train(tiny_model_dir, tiny_task, out, "--resume") == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "stepz=3"], "--set stepz: unknown setting (known:"),
+        (["--set", "steps=many"], "--set steps=many: expected int"),
+        (["--set", "init=magic"], "init must be one of random, vocab, text, labels, got 'magic'"),
+        (["--method", "nope"], None),  # argparse's own message, also exit code 2
+    ],
+)
+def test_bad_settings_exit_2(tiny_model_dir, tiny_task, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) if message is None else contextlib.nullcontext():
+        assert _train(tiny_model_dir, tiny_task, tmp_path / "x", *args) == 2
+    if message:
+        assert message in capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_exit_2_no_traceback(tiny_model_dir, tiny_task, tmp_path):
+    (tiny_task.parent / "train.jsonl").write_text('{"text": "ok", "label": "positive"}\n{oops\n')
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunelab",
+            "train",
+            "--task",
+            str(tiny_task),
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"tunelab train: error: {tiny_task.parent / 'train.jsonl'}:2: not valid JSON "
+        "(Expecting property name enclosed in double quotes): '{oops'"
+    )
+
+
+def test_adapter_for_another_model_exits_2(tiny_model_dir, tiny_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(tiny_model_dir, tiny_task, out) == 0
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    model = LlamaForCausalLM.from_pretrained(other)
+    model.model.norm.weight.data += 1
+    model.save_pretrained(other)
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(out), "--model", str(other), "good"]) == 2
+    assert "this adapter was trained on base model" in capsys.readouterr().err
+
+
+def test_help_lists_every_option(capsys):
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith("usage: tunelab " + name)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for option in (
+        "--task",
+        "--method",
+        "--out",
+        "--model",
+        "--set",
+        "--resume",
+        "--baseline",
+        "num_virtual_tokens",
+        "grad_accum",
+        "patience",
+        "bf16",
+    ):
+        assert option in text

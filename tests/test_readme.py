@@ -1,0 +1,85 @@
+"""Every `tunelab` command in the README runs as written, with a tiny budget where it trains.
+
+Integration: these use the real default model (SmolLM2-135M-Instruct) and the demo corpus.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SHARED_DATA, needs_default_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET = {
+    "train": ["--set", "steps=2", "--set", "eval_every=2", "--set", "batch_size=4", "--limit", "8"],
+    "eval": ["--limit", "8"],
+    "predict": [],
+}
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S)
+    return [
+        line.strip()
+        for b in blocks
+        for line in b.splitlines()
+        if line.strip().startswith("tunelab ")
+    ]
+
+
+def test_readme_has_the_two_setup_commands_first():
+    text = (ROOT / "README.md").read_text()
+    first_block = re.search(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S).group(1)
+    assert first_block.split() == ["make", "demo", "make", "test"]
+    assert len(readme_commands()) >= 4
+
+
+@pytest.mark.integration
+@needs_default_model
+def test_readme_commands_run(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # in order: later commands read what earlier ones wrote (runs/demo)
+    for line in readme_commands():
+        if "examples/tasks/" in line and not SHARED_DATA.is_dir():
+            continue  # the example tasks read ../shared/data
+        args = shlex.split(line.replace("runs/", f"{tmp_path}/runs/"))
+        args += BUDGET[args[1]]
+        proc = subprocess.run(
+            [sys.executable, "-m", "tunelab", *args[1:]],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, f"{line}\n{proc.stderr[-2000:]}"
+        assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.integration
+@needs_default_model
+def test_make_demo_runs_with_a_tiny_budget(tmp_path):
+    if not (ROOT / ".venv" / ".installed").is_file():
+        pytest.skip("make demo is run here only inside the Makefile's own .venv")
+    proc = subprocess.run(
+        [
+            "make",
+            "-s",
+            "demo",
+            f"DEMO_ARGS=--out {tmp_path}/demo --set steps=2 --set eval_every=2 "
+            "--set batch_size=4 --limit 8",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"test accuracy: zero-shot \d\.\d{4} -> prompt-tuning \d\.\d{4}", proc.stdout)

