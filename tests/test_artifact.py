@@ -22,7 +22,7 @@ def _saved(backbone, task_path, out, insert="after_bos"):
     task = load_task(task_path)
     prep = PreparedTask.load(task, backbone.tokenizer)
     cfg = pt.PromptTuningConfig(num_virtual_tokens=5, init="random", insert=insert)
-    tuned = pt.build(backbone, cfg, prep.verbalizer.words, seed=3)
+    tuned = pt.build(backbone, cfg, prep.verbalizer, seed=3)
     save_artifact(out, "prompt-tuning", cfg, tuned, task, backbone)
     return tuned, prep
 
@@ -108,7 +108,7 @@ def test_peft_agrees_on_the_default_model(tmp_path):
     task = load_task("demo")
     prep = PreparedTask.load(task, backbone.tokenizer)
     cfg = pt.PromptTuningConfig(num_virtual_tokens=8)  # defaults: label init, after_bos
-    tuned = pt.build(backbone, cfg, prep.verbalizer.words)
+    tuned = pt.build(backbone, cfg, prep.verbalizer)
     with torch.no_grad():
         tuned.prompt.embedding.add_(0.01 * torch.randn_like(tuned.prompt.embedding))
     save_artifact(tmp_path / "art", "prompt-tuning", cfg, tuned, task, backbone)

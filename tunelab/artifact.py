@@ -1,11 +1,11 @@
-"""Artifacts: PEFT's adapter files plus `tunelab.json` (task, template, verbalizer, base model
-fingerprint, metrics, versions), so that inference reproduces training exactly."""
+"""Artifacts: a method's files (PEFT's adapter format where PEFT has one) plus `tunelab.json`
+(task, template, verbalizer, base model fingerprint, metrics, versions), so that inference
+reproduces training exactly."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -17,11 +17,9 @@ from tunelab.errors import TunelabError
 from tunelab.models import Backbone, load_backbone
 from tunelab.tasks.readers import Record
 from tunelab.tasks.spec import TaskSpec
-from tunelab.train.checkpoint import atomic_save
+from tunelab.train.checkpoint import write_json
 
 META = "tunelab.json"
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
 
 
 def versions() -> dict:
@@ -37,12 +35,6 @@ def versions() -> dict:
     }
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_artifact(
     out: Path,
     method: str,
@@ -56,9 +48,7 @@ def save_artifact(
     demo_pool: list[Record] | None = None,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    peft_config, tensors = methods.get(method).peft_files(tuned, method_cfg, backbone.path)
-    atomic_save(tensors, out / WEIGHTS, {"format": "pt"})
-    _write_json(peft_config, out / CONFIG)
+    methods.get(method).save_files(tuned, method_cfg, out, backbone.path)
     meta = {
         "format": 1,
         "method": method,
@@ -77,7 +67,7 @@ def save_artifact(
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json(meta, out / META)
+    write_json(meta, out / META)
 
 
 def read_meta(path: Path) -> dict:
@@ -97,17 +87,10 @@ def load_artifact(path: Path, backbone: Backbone | None = None):
 
     The base model is checked by fingerprint and the tensors by shape before anything runs.
     """
-    from tunelab.train.checkpoint import load
-
     meta = read_meta(path)
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        if pickles:
-            raise TunelabError(
-                f"{path / pickles[0]}: a pickle file; tunelab loads only safetensors"
-            )
-        raise TunelabError(f"{weights}: missing")
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth"))
+    if pickles:
+        raise TunelabError(f"{path / pickles[0]}: a pickle file; tunelab loads only safetensors")
     base = meta["base_model"]
     backbone = backbone or load_backbone(base["name"])
     if backbone.fingerprint != base["fingerprint"]:
@@ -116,9 +99,7 @@ def load_artifact(path: Path, backbone: Backbone | None = None):
             f"{base['fingerprint']}), but the loaded model {backbone.name!r} has fingerprint "
             f"{backbone.fingerprint}"
         )
-    method = methods.get(meta["method"])
     cfg = methods.CONFIGS[meta["method"]](**meta["method_config"])
-    tensors, _ = load(weights)
-    tuned = method.restore(backbone, cfg, tensors, str(weights))
+    tuned = methods.get(meta["method"]).restore(backbone, cfg, path)
     task = TaskSpec.from_dict(meta["task"], source=str(path / META))
     return tuned, task, meta, backbone

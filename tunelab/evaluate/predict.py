@@ -6,8 +6,7 @@ import contextlib
 
 import torch
 
-from tunelab.models.scoring import label_logprobs
-from tunelab.tasks.batch import collate
+from tunelab.models.scoring import label_logprobs, make_batch
 from tunelab.tasks.encode import Example
 from tunelab.tasks.verbalizer import Verbalizer
 
@@ -38,8 +37,9 @@ def predict_logprobs(
     out = torch.empty(len(examples), len(verbalizer.labels))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = collate([examples[i] for i in idx], verbalizer, pad_id, padding_side)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = make_batch(
+            tuned, [examples[i] for i in idx], verbalizer, pad_id, padding_side, device
+        )
         with autocast(device, bf16):
             out[idx] = label_logprobs(tuned, batch, verbalizer).float().cpu()
         if progress is not None:

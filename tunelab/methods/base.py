@@ -1,10 +1,16 @@
-"""What every method shares: a backbone plus a trainable part, and the one helper that says
-which parameters train."""
+"""What every method shares: a backbone plus a trainable part, the one helper that says which
+parameters train, and saving/loading those tensors with their names and shapes checked."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from tunelab.errors import TunelabError
+
+TRAINABLE_FILE = "trainable.safetensors"
 
 
 def set_trainable(module: nn.Module, trainable: bool) -> None:
@@ -12,16 +18,32 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
         p.requires_grad_(trainable)
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer blocks (the ModuleList as long as the layer count)."""
+    n = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise TunelabError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+
+
 class TunedLM(nn.Module):
-    """A causal LM and, optionally, a soft prompt inserted into its input embeddings."""
+    """A causal LM, optionally with a soft prompt in its input and a classification head on its
+    final hidden state. Methods differ only in which of these parameters train."""
 
     def __init__(
-        self, model: nn.Module, prompt: nn.Module | None = None, bos_id: int | None = None
+        self,
+        model: nn.Module,
+        prompt: nn.Module | None = None,
+        bos_id: int | None = None,
+        head: nn.Module | None = None,
     ):
         super().__init__()
         self.model = model
         self.prompt = prompt
+        self.head = head
         self.bos_id = bos_id
+        self.group_lr: dict[str, float] = {}  # parameter-name prefix -> its own learning rate
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """(B, T) ids → (B, T', D) input embeddings and (B, T') mask, soft prompt included."""
@@ -30,12 +52,51 @@ class TunedLM(nn.Module):
             return embeds, attention_mask
         return self.prompt.insert(embeds, attention_mask, input_ids, self.bos_id)
 
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """AdamW groups of the trainable parameters; `base_lr` is each group's peak rate."""
+        groups: dict[float, list] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                own = [v for k, v in self.group_lr.items() if name.startswith(k)]
+                groups.setdefault(own[0] if own else lr, []).append(p)
+        return [
+            {"params": ps, "lr": g_lr, "base_lr": g_lr, "weight_decay": weight_decay}
+            for g_lr, ps in groups.items()
+        ]
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The tensors that train (and so the ones an artifact or checkpoint must keep)."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_trainable_state(self, state: dict[str, torch.Tensor], source: str = "") -> None:
         params = dict(self.named_parameters())
+        for name, value in state.items():
+            if name not in params:
+                raise TunelabError(f"{source}: tensor {name!r} has no place in this model")
+            if params[name].shape != value.shape:
+                raise TunelabError(
+                    f"{source}: tensor {name!r} has shape {tuple(value.shape)}, but this model "
+                    f"needs {tuple(params[name].shape)}"
+                )
         with torch.no_grad():
             for name, value in state.items():
                 params[name].copy_(value)
+
+
+def save_trainable(tuned: TunedLM, out: Path) -> None:
+    """The trained tensors under their own names (methods PEFT has no format for)."""
+    from tunelab.train.checkpoint import atomic_save
+
+    atomic_save(tuned.trainable_state(), out / TRAINABLE_FILE, {"format": "pt"})
+
+
+def load_trainable(tuned: TunedLM, out: Path) -> TunedLM:
+    from tunelab.train.checkpoint import load
+
+    path = out / TRAINABLE_FILE
+    if not path.is_file():
+        raise TunelabError(f"{path}: missing")
+    tensors, _ = load(path)
+    tuned.load_trainable_state(tensors, str(path))
+    set_trainable(tuned, False)
+    return tuned

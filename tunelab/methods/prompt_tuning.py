@@ -7,12 +7,17 @@ Initialising the prompt from the class label words' embeddings worked best there
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods.base import TunedLM, set_trainable
+from tunelab.train.checkpoint import atomic_save, load, write_json
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 INITS = ("random", "vocab", "text", "labels")
 INSERTS = ("after_bos", "start")
@@ -25,6 +30,7 @@ class PromptTuningConfig:
     init_text: str = ""
     insert: str = "after_bos"  # after_bos (or at the start when there is no BOS) | start
     lr: float = 3e-2  # soft prompts want a far larger step than weights
+    weight_decay: float = 0.0
 
     def __post_init__(self):
         if self.num_virtual_tokens < 1:
@@ -102,17 +108,22 @@ def initial_prompt(
     return table[ids].float().clone()
 
 
-def build(backbone, cfg: PromptTuningConfig, label_word_ids, seed: int = 0) -> TunedLM:
+def new_prompt(backbone, cfg: PromptTuningConfig, verbalizer, seed: int = 0) -> SoftPrompt:
+    g = torch.Generator().manual_seed(seed)
+    words = verbalizer.words if verbalizer is not None else []
+    weight = initial_prompt(cfg, backbone.model, backbone.tokenizer, words, g)
+    return SoftPrompt(weight.to(backbone.model.get_input_embeddings().weight.dtype), cfg.insert)
+
+
+def build(backbone, cfg: PromptTuningConfig, verbalizer, seed: int = 0) -> TunedLM:
     """Freeze the backbone and add a soft prompt: the only trainable tensor."""
     set_trainable(backbone.model, False)
-    g = torch.Generator().manual_seed(seed)
-    weight = initial_prompt(cfg, backbone.model, backbone.tokenizer, label_word_ids, g)
-    prompt = SoftPrompt(weight.to(backbone.model.get_input_embeddings().weight.dtype), cfg.insert)
+    prompt = new_prompt(backbone, cfg, verbalizer, seed)
     return TunedLM(backbone.model, prompt, backbone.tokenizer.bos_token_id)
 
 
-def restore(backbone, cfg: PromptTuningConfig, tensors: dict, source: str) -> TunedLM:
-    """Rebuild a trained prompt from an artifact's tensors, checking their shape."""
+def restore_prompt(backbone, cfg: PromptTuningConfig, tensors: dict, source: str) -> SoftPrompt:
+    """A trained prompt from PEFT-format tensors, its shape checked against model and config."""
     weight = tensors.get("prompt_embeddings")
     want = (cfg.num_virtual_tokens, backbone.model.get_input_embeddings().weight.shape[1])
     if weight is None:
@@ -122,26 +133,50 @@ def restore(backbone, cfg: PromptTuningConfig, tensors: dict, source: str) -> Tu
             f"{source}: prompt_embeddings has shape {tuple(weight.shape)}, but this model and "
             f"config need {want} ({cfg.num_virtual_tokens} virtual tokens x hidden size)"
         )
-    set_trainable(backbone.model, False)
-    dtype = backbone.model.get_input_embeddings().weight.dtype
-    prompt = SoftPrompt(weight.to(dtype), cfg.insert)
+    prompt = SoftPrompt(weight.to(backbone.model.get_input_embeddings().weight.dtype), cfg.insert)
     prompt.requires_grad_(False)
-    return TunedLM(backbone.model, prompt, backbone.tokenizer.bos_token_id)
+    return prompt
 
 
-def peft_files(tuned: TunedLM, cfg: PromptTuningConfig, base_path: str) -> tuple[dict, dict]:
+def save_prompt(
+    prompt: SoftPrompt, model, cfg: PromptTuningConfig, out: Path, base_path: str
+) -> None:
     """adapter_config.json and adapter_model.safetensors in PEFT's prompt-tuning format."""
-    mc = tuned.model.config
-    config = {
-        "peft_type": "PROMPT_TUNING",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_path,
-        "num_virtual_tokens": cfg.num_virtual_tokens,
-        "token_dim": mc.hidden_size,
-        "num_transformer_submodules": 1,
-        "num_attention_heads": mc.num_attention_heads,
-        "num_layers": mc.num_hidden_layers,
-        "prompt_tuning_init": "RANDOM",
-        "inference_mode": True,
-    }
-    return config, {"prompt_embeddings": tuned.prompt.embedding.detach().float().contiguous()}
+    mc = model.config
+    write_json(
+        {
+            "peft_type": "PROMPT_TUNING",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_path,
+            "num_virtual_tokens": cfg.num_virtual_tokens,
+            "token_dim": mc.hidden_size,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": mc.num_attention_heads,
+            "num_layers": mc.num_hidden_layers,
+            "prompt_tuning_init": "RANDOM",
+            "inference_mode": True,
+        },
+        out / ADAPTER_CONFIG,
+    )
+    atomic_save(
+        {"prompt_embeddings": prompt.embedding.detach().float()},
+        out / ADAPTER_WEIGHTS,
+        {"format": "pt"},
+    )
+
+
+def load_prompt(backbone, cfg: PromptTuningConfig, out: Path) -> SoftPrompt:
+    path = out / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise TunelabError(f"{path}: missing")
+    tensors, _ = load(path)
+    return restore_prompt(backbone, cfg, tensors, str(path))
+
+
+def save_files(tuned: TunedLM, cfg: PromptTuningConfig, out: Path, base_path: str) -> None:
+    save_prompt(tuned.prompt, tuned.model, cfg, out, base_path)
+
+
+def restore(backbone, cfg: PromptTuningConfig, out: Path) -> TunedLM:
+    set_trainable(backbone.model, False)
+    return TunedLM(backbone.model, load_prompt(backbone, cfg, out), backbone.tokenizer.bos_token_id)

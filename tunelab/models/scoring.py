@@ -5,7 +5,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunelab.tasks.batch import collate
+from tunelab.tasks.encode import Example
 from tunelab.tasks.verbalizer import Verbalizer
+
+
+def make_batch(
+    tuned,
+    examples: list[Example],
+    verbalizer: Verbalizer,
+    pad_id: int,
+    padding_side: str,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Padded tensors for `label_logprobs`: one row per example for a head or single-token
+    label words, else one row per (example, label word)."""
+    expand = tuned.head is None and not verbalizer.single_token
+    batch = collate(examples, verbalizer, pad_id, padding_side, expand)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def last_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -34,9 +51,12 @@ def _label_logsumexp(word_scores: torch.Tensor, verbalizer: Verbalizer) -> torch
 
 def label_logprobs(tuned, batch: dict, verbalizer: Verbalizer) -> torch.Tensor:
     """(B, C) log-probabilities of each label, normalised over the labels."""
-    head = tuned.model.get_output_embeddings()
     h, mask = hidden_states(tuned, batch["input_ids"], batch["attention_mask"])
     last = last_positions(mask)  # (R,)
+    if tuned.head is not None:  # a classification layer on the answer position's hidden state
+        h_last = h[torch.arange(h.size(0)), last]  # (B, D)
+        return F.log_softmax(tuned.head(h_last.to(tuned.head.weight.dtype)).float(), -1)
+    head = tuned.model.get_output_embeddings()
     if verbalizer.single_token:
         h_last = h[torch.arange(h.size(0)), last]  # (B, D)
         ids = torch.tensor([w[0] for w in verbalizer.words], device=h.device)

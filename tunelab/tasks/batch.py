@@ -9,15 +9,21 @@ from tunelab.tasks.verbalizer import Verbalizer
 
 
 def collate(
-    examples: list[Example], verbalizer: Verbalizer, pad_id: int, padding_side: str = "left"
+    examples: list[Example],
+    verbalizer: Verbalizer,
+    pad_id: int,
+    padding_side: str = "left",
+    expand: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Pad prompts into a batch.
 
     Single-token label words: one row per example, scored at its last position.
-    Otherwise one row per (example, label word): the prompt followed by the word's tokens but
-    its last, so that every token of the word is predicted inside the row.
+    Otherwise (`expand`) one row per (example, label word): the prompt followed by the word's
+    tokens but its last, so that every token of the word is predicted inside the row.
     """
-    if verbalizer.single_token:
+    if expand is None:
+        expand = not verbalizer.single_token
+    if not expand:
         rows = [ex.ids for ex in examples]
     else:
         rows = [ex.ids + w[:-1] for ex in examples for w in verbalizer.words]

@@ -53,8 +53,10 @@ def _carve(rows: list[Record], size: float, rng: random.Random):
     n = min(n, len(rows) - 1)
     order = list(range(len(rows)))
     rng.shuffle(order)
-    carved = {i for i in order[:n]}
-    return [rows[i] for i in sorted(carved)], [r for i, r in enumerate(rows) if i not in carved]
+    carved = set(order[:n])
+    # carved rows stay shuffled: files are often sorted by label, and `--limit N` should then
+    # still look at a fair sample
+    return [rows[i] for i in order[:n]], [r for i, r in enumerate(rows) if i not in carved]
 
 
 def load_splits(task: TaskSpec) -> dict[str, list[Record]]:
@@ -89,9 +91,11 @@ def load_splits(task: TaskSpec) -> dict[str, list[Record]]:
     val_name = task.validation.split
     if val_name not in splits and task.validation.size > 0:
         if task.few_shot is not None and task.label_field is not None:
-            splits[val_name], _ = _per_class(task, rest, task.few_shot.k, rng)
+            val, _ = _per_class(task, rest, task.few_shot.k, rng)
         else:
-            splits[val_name], train = _carve(train, task.validation.size, rng)
+            val, train = _carve(train, task.validation.size, rng)
+        if val:  # too few rows to carve any: train without validation (no early stopping)
+            splits[val_name] = val
     splits["train"] = train
     for split, rows in splits.items():
         if not rows:

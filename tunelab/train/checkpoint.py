@@ -24,6 +24,16 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict | None 
     os.replace(tmp, path)
 
 
+def write_json(obj: dict, path: Path) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(
+        json.dumps(obj, indent=2, ensure_ascii=False, default=list) + "\n", encoding="utf-8"
+    )
+    os.replace(tmp, path)
+
+
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,6 +17,16 @@ from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.train.config import TrainConfig, apply_overrides
 from tunelab.train.loop import resolve_device, train
+
+
+def settings_help() -> str:
+    """Every --set key, from the dataclasses themselves, so the help cannot drift."""
+
+    def names(cls) -> str:
+        return ", ".join(f.name for f in dataclasses.fields(cls))
+
+    per_method = "; ".join(f"{m}: {names(c)}" for m, c in methods.CONFIGS.items())
+    return f"Training: {names(TrainConfig)}. Per method: {per_method}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,12 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a training or method setting, repeatable: steps, batch_size, "
-        "grad_accum, lr, weight_decay, warmup, schedule (linear|cosine|constant), "
-        "max_grad_norm, bf16, eval_every, patience, save_every, seed, "
-        "eval_batch_size, max_length, padding_side, device; prompt tuning: "
-        "num_virtual_tokens, init (random|vocab|text|labels), init_text, "
-        "insert (after_bos|start)",
+        help="a setting, repeatable. " + settings_help(),
     )
     p.add_argument(
         "--resume",
@@ -66,6 +72,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="report on the first N rows of that split only (a quick look)",
     )
+
+
+def enable_gradient_checkpointing(tuned, method: str) -> None:
+    """Recompute activations during backward; only useful where gradients cross the backbone."""
+    if tuned.head is not None and not any(p.requires_grad for p in tuned.model.parameters()):
+        raise TunelabError(
+            f"gradient_checkpointing: method {method} with a frozen backbone sends no gradient "
+            "through it, so there is nothing to recompute; use train_backbone=true or drop it"
+        )
+    tuned.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+
+
+def peak_memory_mb(device) -> float:
+    """Peak allocated memory on CUDA, else the process's peak resident set size."""
+    import resource
+    import sys
+
+    import torch
+
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -102,13 +133,15 @@ def run(args: argparse.Namespace) -> None:
         baseline, _ = evaluate_split(TunedLM(backbone.model), prep, report, **evaluate)
         print(f"zero-shot {report} accuracy: {baseline['accuracy']:.4f}")
 
-    tuned = method.build(backbone, method_cfg, prep.verbalizer.words, train_cfg.seed)
+    tuned = method.build(backbone, method_cfg, prep.verbalizer, train_cfg.seed)
     n_train = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in tuned.parameters())
     print(
         f"{args.method}: {n_train:,} trainable of {n_total:,} parameters "
         f"({100 * n_train / n_total:.4f}%)"
     )
+    if train_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(tuned, args.method)
     start = time.perf_counter()
     result = train(
         tuned,
@@ -120,6 +153,9 @@ def run(args: argparse.Namespace) -> None:
         args.out,
         backbone.tokenizer.pad_token_id,
         resume=args.resume,
+        weight_decay=method_cfg.weight_decay
+        if train_cfg.weight_decay is None
+        else train_cfg.weight_decay,
     )
     seconds = time.perf_counter() - start
     metrics, _ = evaluate_split(tuned, prep, report, **evaluate)
@@ -131,6 +167,7 @@ def run(args: argparse.Namespace) -> None:
         "train_seconds": round(seconds, 1),
         "trainable_parameters": n_train,
         "total_parameters": n_total,
+        "peak_memory_mb": peak_memory_mb(resolve_device(train_cfg.device)),
     }
     if baseline is not None:
         summary[f"zero_shot_{report}"] = baseline
@@ -151,7 +188,10 @@ def run(args: argparse.Namespace) -> None:
         if result.best_metric is not None
         else ""
     )
-    print(f"trained {result.step} steps in {seconds:.0f}s{best}")
+    print(
+        f"trained {result.step} steps in {seconds:.0f}s{best}; "
+        f"peak memory {summary['peak_memory_mb']:,.0f} MB"
+    )
     if baseline is not None:
         print(
             f"{report} accuracy: zero-shot {baseline['accuracy']:.4f} -> "

@@ -18,7 +18,8 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float | None = None  # None: the method's default
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # None: the method's default
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     warmup: float = 0.06  # a fraction of steps (< 1) or a number of steps
     schedule: str = "linear"  # decay after warmup: linear | cosine | constant
     max_grad_norm: float = 1.0

@@ -12,8 +12,7 @@ from tqdm import tqdm
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.predict import autocast, predict_logprobs
-from tunelab.models.scoring import label_logprobs
-from tunelab.tasks.batch import collate
+from tunelab.models.scoring import label_logprobs, make_batch
 from tunelab.train.checkpoint import atomic_save, load, load_training_state, save_training_state
 from tunelab.train.config import TrainConfig
 
@@ -73,12 +72,17 @@ def train(
     out_dir: Path,
     pad_id: int,
     resume: bool = False,
+    weight_decay: float = 0.0,
 ) -> TrainResult:
-    """Train `tuned`'s trainable parameters; leave it holding the best validation weights."""
+    """Train `tuned`'s trainable parameters; leave it holding the best validation weights.
+
+    `lr` and `weight_decay` are the method's (or the user's); parts that a method trains at
+    their own rate (`tuned.group_lr`) keep it.
+    """
     device = resolve_device(cfg.device)
     tuned.to(device)
     params = [p for p in tuned.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(tuned.param_groups(lr, weight_decay))
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.safetensors", ckpt_dir / "best.safetensors"
     res = TrainResult()
@@ -102,14 +106,15 @@ def train(
     ema = None
     while res.step < cfg.steps and not res.stopped_early:
         for g in opt.param_groups:
-            g["lr"] = lr * lr_factor(cfg, res.step)
+            g["lr"] = g["base_lr"] * lr_factor(cfg, res.step)
         torch.manual_seed(cfg.seed * 7919 + res.step)  # dropout masks repeat after a resume
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.grad_accum):
             idx = micro_batch(len(train_ex), cfg, res.step * cfg.grad_accum + micro)
-            batch = collate([train_ex[i] for i in idx], verbalizer, pad_id, cfg.padding_side)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = make_batch(
+                tuned, [train_ex[i] for i in idx], verbalizer, pad_id, cfg.padding_side, device
+            )
             with autocast(device, cfg.bf16):
                 logp = label_logprobs(tuned, batch, verbalizer)  # (B, C)
             # divided by the accumulation steps so the summed gradient is the big batch's mean

@@ -1,0 +1,215 @@
+"""Every method on a tiny llama: the intended parameters change and no others; the artifact
+reloads to identical scores; PEFT-format parts load in PEFT; resume matches a whole run."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tunelab import methods
+from tunelab.artifact import load_artifact, save_artifact
+from tunelab.errors import TunelabError
+from tunelab.evaluate.predict import predict_logprobs
+from tunelab.models import load_backbone
+from tunelab.tasks import load_task
+from tunelab.tasks.prepared import PreparedTask
+from tunelab.train.config import TrainConfig
+from tunelab.train.loop import train
+
+# method, config overrides, which backbone tensors must change (regex; None: none may)
+MATRIX = [
+    ("prompt-tuning", {}, None),
+    ("lora", {}, r"lora_[AB]"),
+    ("full", {"lr": 1e-3}, r".*"),
+    ("freeze", {"train_top": 1}, r"layers\.1\."),
+    ("freeze", {"modules": r"self_attn|norm"}, r"self_attn|norm"),
+    ("head", {}, None),
+    ("head", {"train_backbone": True, "backbone_lr": 1e-3}, r".*"),
+    ("hybrid", {}, r"lora_[AB]"),
+]
+IDS = [f"{m}-{'-'.join(map(str, c.values())) or 'default'}" for m, c, _ in MATRIX]
+
+
+def _setup(model_dir, task_path, method, overrides, seed=0):
+    backbone = load_backbone(str(model_dir))
+    prep = PreparedTask.load(load_task(task_path), backbone.tokenizer)
+    cfg = methods.CONFIGS[method](**overrides)
+    tuned = methods.get(method).build(backbone, cfg, prep.verbalizer, seed)
+    return backbone, prep, cfg, tuned
+
+
+def _cfg(**kw):
+    return TrainConfig(
+        **{**dict(steps=6, batch_size=4, eval_every=3, save_every=2, warmup=1), **kw}
+    )
+
+
+@pytest.mark.parametrize("method, overrides, changes", MATRIX, ids=IDS)
+def test_only_the_intended_parameters_change_and_the_artifact_reloads(
+    tiny_model_dir, tiny_task, tmp_path, method, overrides, changes
+):
+    backbone, prep, cfg, tuned = _setup(tiny_model_dir, tiny_task, method, overrides)
+    before = {n: p.detach().clone() for n, p in tuned.named_parameters()}
+    train(
+        tuned,
+        prep.examples("train"),
+        [],
+        prep.verbalizer,
+        _cfg(),
+        overrides.get("lr", cfg.lr),
+        tmp_path,
+        backbone.tokenizer.pad_token_id,
+    )
+    changed = {n for n, p in tuned.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed, "nothing trained"
+    for name in changed:
+        is_backbone = name.startswith("model.")
+        assert not is_backbone or (changes and re.search(changes, name)), f"{name} changed"
+    if changes and changes != r".*":
+        # every parameter the method means to train did train
+        meant = {n for n in before if n.startswith("model.") and re.search(changes, n)}
+        assert meant <= changed, sorted(meant - changed)[:3]
+    if method in ("prompt-tuning", "hybrid"):
+        assert "prompt.embedding" in changed
+    if method == "head":
+        assert {"head.weight", "head.bias"} <= changed
+
+    pad = backbone.tokenizer.pad_token_id
+    scores = predict_logprobs(tuned, prep.examples("test"), prep.verbalizer, pad)
+    save_artifact(tmp_path / "art", method, cfg, tuned, prep.task, backbone)
+    fresh = load_backbone(str(tiny_model_dir))
+    reloaded, _, meta, _ = load_artifact(tmp_path / "art", fresh)
+    assert meta["method"] == method
+    assert not any(p.requires_grad for p in reloaded.parameters())
+    torch.testing.assert_close(
+        predict_logprobs(reloaded, prep.examples("test"), prep.verbalizer, pad),
+        scores,
+        atol=1e-6,
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "head", "hybrid"])
+def test_resume_after_a_crash_matches_a_whole_run(
+    tiny_model_dir, tiny_task, tmp_path, monkeypatch, method
+):
+    import tunelab.train.loop as loop
+
+    def run(out, tuned, prep, backbone, cfg, resume=False):
+        return train(
+            tuned,
+            prep.examples("train"),
+            prep.examples("validation"),
+            prep.verbalizer,
+            _cfg(),
+            cfg.lr,
+            out,
+            backbone.tokenizer.pad_token_id,
+            resume=resume,
+        )
+
+    backbone, prep, cfg, whole = _setup(tiny_model_dir, tiny_task, method, {})
+    run(tmp_path / "whole", whole, prep, backbone, cfg)
+    expected = {k: v.clone() for k, v in whole.trainable_state().items()}
+
+    real = loop.lr_factor
+    monkeypatch.setattr(
+        loop,
+        "lr_factor",
+        lambda c, step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 5 else real(c, step),
+    )
+    backbone, prep, cfg, crashed = _setup(tiny_model_dir, tiny_task, method, {})
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "crashed", crashed, prep, backbone, cfg)
+    monkeypatch.setattr(loop, "lr_factor", real)
+    backbone, prep, cfg, resumed = _setup(tiny_model_dir, tiny_task, method, {})
+    run(tmp_path / "crashed", resumed, prep, backbone, cfg, resume=True)
+    got = resumed.trainable_state()
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=0, rtol=0)
+
+
+def test_lora_artifact_loads_in_peft_with_the_same_scores(tiny_model_dir, tiny_task, tmp_path):
+    from peft import PeftModel
+
+    backbone, prep, cfg, tuned = _setup(tiny_model_dir, tiny_task, "lora", {})
+    with torch.no_grad():  # LoRA's B starts at zero: move it so the adapter matters
+        for n, p in tuned.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    save_artifact(tmp_path / "art", "lora", cfg, tuned, prep.task, backbone)
+    tuned.eval()
+    ids = torch.tensor([prep.examples("test")[0].ids])
+    with torch.no_grad():
+        ours = tuned.model(input_ids=ids).logits
+        peft_model = PeftModel.from_pretrained(
+            load_backbone(str(tiny_model_dir)).model, str(tmp_path / "art")
+        )
+        theirs = peft_model(input_ids=ids).logits
+        plain = load_backbone(str(tiny_model_dir)).model(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain, ours, atol=1e-3)
+
+
+def test_hybrid_on_a_frozen_lora_core(tiny_model_dir, tiny_task, tmp_path):
+    backbone, prep, cfg, tuned = _setup(tiny_model_dir, tiny_task, "lora", {})
+    train(
+        tuned,
+        prep.examples("train"),
+        [],
+        prep.verbalizer,
+        _cfg(),
+        1e-2,
+        tmp_path / "core",
+        backbone.tokenizer.pad_token_id,
+    )
+    save_artifact(tmp_path / "core", "lora", cfg, tuned, prep.task, backbone)
+    core = {n: p.detach().clone() for n, p in tuned.named_parameters() if "lora_" in n}
+
+    backbone, prep, cfg, hybrid = _setup(
+        tiny_model_dir, tiny_task, "hybrid", {"core": str(tmp_path / "core")}
+    )
+    loaded = {n: p.detach() for n, p in hybrid.named_parameters() if "lora_" in n}
+    assert loaded.keys() == core.keys() and all(torch.equal(loaded[n], core[n]) for n in core)
+    assert [n for n, p in hybrid.named_parameters() if p.requires_grad] == ["prompt.embedding"]
+    train(
+        hybrid,
+        prep.examples("train"),
+        [],
+        prep.verbalizer,
+        _cfg(),
+        1e-2,
+        tmp_path / "h",
+        backbone.tokenizer.pad_token_id,
+    )
+    after = {n: p.detach() for n, p in hybrid.named_parameters() if "lora_" in n}
+    assert all(torch.equal(after[n], core[n]) for n in core)
+    save_artifact(tmp_path / "h", "hybrid", cfg, hybrid, prep.task, backbone)
+    assert (tmp_path / "h" / "prompt" / "adapter_model.safetensors").is_file()
+    reloaded, *_ = load_artifact(tmp_path / "h", load_backbone(str(tiny_model_dir)))
+    pad = backbone.tokenizer.pad_token_id
+    torch.testing.assert_close(
+        predict_logprobs(reloaded, prep.examples("test"), prep.verbalizer, pad),
+        predict_logprobs(hybrid, prep.examples("test"), prep.verbalizer, pad),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_bad_method_settings_are_named():
+    with pytest.raises(TunelabError, match="r must be >= 1, got 0"):
+        methods.CONFIGS["lora"](r=0)
+    with pytest.raises(TunelabError, match=r"modules='\(': not a regular expression"):
+        methods.CONFIGS["freeze"](modules="(")
+    with pytest.raises(TunelabError, match="core=/nope: not a LoRA artifact"):
+        methods.CONFIGS["hybrid"](core="/nope")
+
+
+def test_freeze_names_what_it_cannot_match(tiny_model_dir, tiny_task):
+    with pytest.raises(TunelabError, match="matches no parameter .*names look like: model"):
+        _setup(tiny_model_dir, tiny_task, "freeze", {"modules": "no_such_module"})
+    with pytest.raises(TunelabError, match="train_top=9, but the model has 2 blocks"):
+        _setup(tiny_model_dir, tiny_task, "freeze", {"train_top": 9})

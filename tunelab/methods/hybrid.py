@@ -1,0 +1,101 @@
+"""Hybrid: a LoRA core and a soft prompt in one model and one artifact (PEFT refuses this
+combination). Either both train at once, or a fine-tuned LoRA core (`core=DIR`, a `lora`
+artifact) stays frozen and a new task is prompt-tuned on top of it.
+
+The artifact keeps each part in PEFT's format: the LoRA core at the top level (so
+`PeftModel.from_pretrained` loads the core) and the soft prompt under `prompt/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.methods import lora, prompt_tuning
+from tunelab.methods.base import TunedLM, set_trainable
+
+PROMPT_DIR = "prompt"
+
+
+@dataclass
+class HybridConfig:
+    # the soft prompt (see prompt_tuning.PromptTuningConfig)
+    num_virtual_tokens: int = 20
+    init: str = "labels"
+    init_text: str = ""
+    insert: str = "after_bos"
+    prompt_lr: float = 3e-2
+    # the LoRA core (see lora.LoraSettings)
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str = "all-linear"
+    lr: float = 2e-4  # the core's
+    weight_decay: float = 0.0
+    core: str = ""  # a trained `lora` artifact to freeze and build on; empty: train a new core
+
+    def __post_init__(self):
+        self.prompt_config()
+        self.lora_settings()
+        if self.core and not (Path(self.core) / lora.ADAPTER_WEIGHTS).is_file():
+            raise TunelabError(f"core={self.core}: not a LoRA artifact (no {lora.ADAPTER_WEIGHTS})")
+
+    def prompt_config(self) -> prompt_tuning.PromptTuningConfig:
+        return prompt_tuning.PromptTuningConfig(
+            self.num_virtual_tokens, self.init, self.init_text, self.insert, self.prompt_lr
+        )
+
+    def lora_settings(self) -> lora.LoraSettings:
+        return lora.LoraSettings(
+            self.r, self.alpha, self.dropout, self.target_modules, self.lr, self.weight_decay
+        )
+
+
+def _core_settings(core: Path) -> lora.LoraSettings:
+    """The LoRA settings a core artifact was trained with."""
+    from tunelab.artifact import read_meta
+
+    meta = read_meta(core)
+    if meta["method"] not in ("lora", "hybrid"):
+        raise TunelabError(f"core={core}: a {meta['method']!r} artifact; the core must be LoRA")
+    fields = {k: meta["method_config"][k] for k in ("r", "alpha", "dropout", "target_modules")}
+    return lora.LoraSettings(**fields)
+
+
+def build(backbone, cfg: HybridConfig, verbalizer, seed: int = 0) -> TunedLM:
+    import torch
+
+    if cfg.core:
+        from tunelab.artifact import read_meta
+
+        base = read_meta(Path(cfg.core))["base_model"]
+        if base["fingerprint"] != backbone.fingerprint:
+            raise TunelabError(
+                f"core={cfg.core}: trained on another base model "
+                f"({base['name']!r}, fingerprint {base['fingerprint']})"
+            )
+        lora.load_lora(backbone.model, _core_settings(Path(cfg.core)), Path(cfg.core))
+    else:
+        torch.manual_seed(seed)
+        lora.inject(backbone.model, cfg.lora_settings())
+    prompt = prompt_tuning.new_prompt(backbone, cfg.prompt_config(), verbalizer, seed)
+    tuned = TunedLM(backbone.model, prompt, backbone.tokenizer.bos_token_id)
+    tuned.group_lr = {"prompt.": cfg.prompt_lr}
+    return tuned
+
+
+def save_files(tuned: TunedLM, cfg: HybridConfig, out: Path, base_path: str) -> None:
+    settings = _core_settings(Path(cfg.core)) if cfg.core else cfg.lora_settings()
+    lora.save_lora(tuned.model, settings, out, base_path)
+    prompt_tuning.save_prompt(
+        tuned.prompt, tuned.model, cfg.prompt_config(), out / PROMPT_DIR, base_path
+    )
+
+
+def restore(backbone, cfg: HybridConfig, out: Path) -> TunedLM:
+    settings = _core_settings(Path(cfg.core)) if cfg.core else cfg.lora_settings()
+    lora.load_lora(backbone.model, settings, out)
+    prompt = prompt_tuning.load_prompt(backbone, cfg.prompt_config(), out / PROMPT_DIR)
+    set_trainable(backbone.model, False)
+    return TunedLM(backbone.model, prompt, backbone.tokenizer.bos_token_id)
