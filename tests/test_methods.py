@@ -21,6 +21,8 @@ from tunelab.train.loop import train
 # method, config overrides, which backbone tensors must change (regex; None: none may)
 MATRIX = [
     ("prompt-tuning", {}, None),
+    ("prefix", {}, None),
+    ("prefix", {"projection": True, "projection_hidden": 16}, None),
     ("lora", {}, r"lora_[AB]"),
     ("full", {"lr": 1e-3}, r".*"),
     ("freeze", {"train_top": 1}, r"layers\.1\."),
@@ -73,6 +75,8 @@ def test_only_the_intended_parameters_change_and_the_artifact_reloads(
         assert meant <= changed, sorted(meant - changed)[:3]
     if method in ("prompt-tuning", "hybrid"):
         assert "prompt.embedding" in changed
+    if method == "prefix":
+        assert "prefix.embedding" in changed
     if method == "head":
         assert {"head.weight", "head.bias"} <= changed
 
@@ -91,7 +95,7 @@ def test_only_the_intended_parameters_change_and_the_artifact_reloads(
     )
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "head", "hybrid"])
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "prefix", "head", "hybrid"])
 def test_resume_after_a_crash_matches_a_whole_run(
     tiny_model_dir, tiny_task, tmp_path, monkeypatch, method
 ):
@@ -213,3 +217,45 @@ def test_freeze_names_what_it_cannot_match(tiny_model_dir, tiny_task):
         _setup(tiny_model_dir, tiny_task, "freeze", {"modules": "no_such_module"})
     with pytest.raises(TunelabError, match="train_top=9, but the model has 2 blocks"):
         _setup(tiny_model_dir, tiny_task, "freeze", {"train_top": 9})
+
+
+@pytest.mark.parametrize("method", ["prefix", "hybrid", "head"])
+def test_scores_do_not_depend_on_padding(tiny_model_dir, tiny_task, method):
+    backbone, prep, cfg, tuned = _setup(tiny_model_dir, tiny_task, method, {})
+    with torch.no_grad():  # move the freshly initialised parts away from their neutral start
+        for n, p in tuned.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    pad = backbone.tokenizer.pad_token_id
+    examples = prep.examples("test")[:5]
+    examples = [type(e)(e.ids + e.ids[1:1 + i], e.label) for i, e in enumerate(examples)]
+    alone = torch.cat([predict_logprobs(tuned, [e], prep.verbalizer, pad) for e in examples])
+    for side in ("left", "right"):
+        batched = predict_logprobs(tuned, examples, prep.verbalizer, pad, padding_side=side)
+        torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_artifact_loads_in_peft_with_the_same_scores(tiny_model_dir, tiny_task, tmp_path,
+                                                            projection):
+    from peft import PeftModel
+
+    overrides = {"projection": projection, "projection_hidden": 16}
+    backbone, prep, cfg, tuned = _setup(tiny_model_dir, tiny_task, "prefix", overrides)
+    with torch.no_grad():
+        tuned.prefix.embedding.add_(0.1 * torch.randn_like(tuned.prefix.embedding))
+    save_artifact(tmp_path / "art", "prefix", cfg, tuned, prep.task, backbone)
+    pad = backbone.tokenizer.pad_token_id
+    examples = prep.examples("test")[:4]
+    ours = predict_logprobs(tuned, examples, prep.verbalizer, pad)
+    peft_model = PeftModel.from_pretrained(load_backbone(str(tiny_model_dir)).model,
+                                           str(tmp_path / "art"))
+    ids = torch.tensor([w[0] for w in prep.verbalizer.words])
+    with torch.no_grad():
+        theirs = torch.stack([
+            torch.log_softmax(peft_model(input_ids=torch.tensor([e.ids])).logits[0, -1, ids], -1)
+            for e in examples])
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # the encoder is kept beside PEFT's tensor, so training can go on from the artifact
+    reloaded, *_ = load_artifact(tmp_path / "art", load_backbone(str(tiny_model_dir)))
+    assert (reloaded.prefix.mlp is not None) == projection

@@ -8,10 +8,11 @@
 from __future__ import annotations
 
 from tunelab.errors import TunelabError
-from tunelab.methods import freeze, full, head, hybrid, lora, prompt_tuning
+from tunelab.methods import freeze, full, head, hybrid, lora, prefix, prompt_tuning
 
 METHODS = {
     "prompt-tuning": prompt_tuning,
+    "prefix": prefix,
     "lora": lora,
     "full": full,
     "freeze": freeze,
@@ -20,6 +21,7 @@ METHODS = {
 }
 CONFIGS = {
     "prompt-tuning": prompt_tuning.PromptTuningConfig,
+    "prefix": prefix.PrefixConfig,
     "lora": lora.LoraSettings,
     "full": full.FullConfig,
     "freeze": freeze.FreezeConfig,

@@ -28,8 +28,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class TunedLM(nn.Module):
-    """A causal LM, optionally with a soft prompt in its input and a classification head on its
-    final hidden state. Methods differ only in which of these parameters train."""
+    """A causal LM, optionally with a soft prompt in its input, a key/value prefix at
+    every layer, and a classification head on its final hidden state. Methods differ only in which of these parameters train."""
 
     def __init__(
         self,
@@ -37,11 +37,13 @@ class TunedLM(nn.Module):
         prompt: nn.Module | None = None,
         bos_id: int | None = None,
         head: nn.Module | None = None,
+        prefix: nn.Module | None = None,
     ):
         super().__init__()
         self.model = model
         self.prompt = prompt
         self.head = head
+        self.prefix = prefix  # key/value vectors every layer attends to before the input
         self.bos_id = bos_id
         self.group_lr: dict[str, float] = {}  # parameter-name prefix -> its own learning rate
 

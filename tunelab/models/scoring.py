@@ -35,8 +35,17 @@ def hidden_states(tuned, input_ids, attention_mask):
     embeds, mask = tuned.embed(input_ids, attention_mask)
     # positions count real tokens only, so left padding does not shift the rotary positions
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    extra = {}
+    mask_in = mask
+    if tuned.prefix is not None:
+        # the prefix sits before every row as n cached positions: the tokens attend to it and
+        # their positions start after it (as PEFT's prefix tuning places them)
+        n = tuned.prefix.n
+        extra["past_key_values"] = tuned.prefix.cache(embeds.size(0), embeds.dtype)
+        position_ids = position_ids + n
+        mask_in = torch.cat([mask.new_ones(mask.size(0), n), mask], 1)
     out = tuned.model.base_model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids
+        inputs_embeds=embeds, attention_mask=mask_in, position_ids=position_ids, **extra
     )
     return out.last_hidden_state, mask
 
