@@ -223,7 +223,7 @@ def test_freeze_names_what_it_cannot_match(tiny_model_dir, tiny_task):
 def test_scores_do_not_depend_on_padding(tiny_model_dir, tiny_task, method):
     backbone, prep, cfg, tuned = _setup(tiny_model_dir, tiny_task, method, {})
     with torch.no_grad():  # move the freshly initialised parts away from their neutral start
-        for n, p in tuned.named_parameters():
+        for p in tuned.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     pad = backbone.tokenizer.pad_token_id

@@ -29,7 +29,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 class TunedLM(nn.Module):
     """A causal LM, optionally with a soft prompt in its input, a key/value prefix at
-    every layer, and a classification head on its final hidden state. Methods differ only in which of these parameters train."""
+    every layer, and a classification head on its final hidden state. Methods differ only in
+    which of these parameters train."""
 
     def __init__(
         self,

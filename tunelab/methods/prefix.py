@@ -103,7 +103,8 @@ def build(backbone, cfg: PrefixConfig, verbalizer, seed: int = 0) -> TunedLM:
         words = [t for w in (verbalizer.words if verbalizer else []) for t in w] or [0]
         table = backbone.model.get_input_embeddings().weight.detach().float()
         with torch.no_grad():
-            prefix.embedding.copy_(table[[words[i % len(words)] for i in range(cfg.num_virtual_tokens)]])
+            ids = [words[i % len(words)] for i in range(cfg.num_virtual_tokens)]
+            prefix.embedding.copy_(table[ids])
     else:
         prefix = Prefix(backbone.model, cfg, _real_token_kv(backbone, verbalizer,
                                                              cfg.num_virtual_tokens))
