@@ -102,6 +102,7 @@ def test_existing_run_needs_resume(tiny_model_dir, tiny_task, tmp_path, capsys):
     [
         (["--set", "stepz=3"], "--set stepz: unknown setting (known:"),
         (["--set", "steps=many"], "--set steps=many: expected int"),
+        (["--set", "lr=fast"], "--set lr=fast: expected float"),
         (["--set", "init=magic"], "init must be one of random, vocab, text, labels, got 'magic'"),
         (["--method", "nope"], None),  # argparse's own message, also exit code 2
     ],
@@ -183,3 +184,12 @@ def test_help_lists_every_option(capsys):
         "bf16",
     ):
         assert option in text
+
+
+def test_set_reads_numbers_as_people_write_them():
+    from tunelab.train.config import TrainConfig, apply_overrides
+
+    (cfg,) = apply_overrides(
+        ["lr=3e-3", "bf16=true", "warmup=10", "schedule=cosine"], TrainConfig()
+    )
+    assert (cfg.lr, cfg.bf16, cfg.warmup, cfg.schedule) == (3e-3, True, 10.0, "cosine")

@@ -228,7 +228,7 @@ def test_scores_do_not_depend_on_padding(tiny_model_dir, tiny_task, method):
                 p.add_(0.05 * torch.randn_like(p))
     pad = backbone.tokenizer.pad_token_id
     examples = prep.examples("test")[:5]
-    examples = [type(e)(e.ids + e.ids[1:1 + i], e.label) for i, e in enumerate(examples)]
+    examples = [type(e)(e.ids + e.ids[1 : 1 + i], e.label) for i, e in enumerate(examples)]
     alone = torch.cat([predict_logprobs(tuned, [e], prep.verbalizer, pad) for e in examples])
     for side in ("left", "right"):
         batched = predict_logprobs(tuned, examples, prep.verbalizer, pad, padding_side=side)
@@ -236,8 +236,9 @@ def test_scores_do_not_depend_on_padding(tiny_model_dir, tiny_task, method):
 
 
 @pytest.mark.parametrize("projection", [False, True])
-def test_prefix_artifact_loads_in_peft_with_the_same_scores(tiny_model_dir, tiny_task, tmp_path,
-                                                            projection):
+def test_prefix_artifact_loads_in_peft_with_the_same_scores(
+    tiny_model_dir, tiny_task, tmp_path, projection
+):
     from peft import PeftModel
 
     overrides = {"projection": projection, "projection_hidden": 16}
@@ -248,13 +249,19 @@ def test_prefix_artifact_loads_in_peft_with_the_same_scores(tiny_model_dir, tiny
     pad = backbone.tokenizer.pad_token_id
     examples = prep.examples("test")[:4]
     ours = predict_logprobs(tuned, examples, prep.verbalizer, pad)
-    peft_model = PeftModel.from_pretrained(load_backbone(str(tiny_model_dir)).model,
-                                           str(tmp_path / "art"))
+    peft_model = PeftModel.from_pretrained(
+        load_backbone(str(tiny_model_dir)).model, str(tmp_path / "art")
+    )
     ids = torch.tensor([w[0] for w in prep.verbalizer.words])
     with torch.no_grad():
-        theirs = torch.stack([
-            torch.log_softmax(peft_model(input_ids=torch.tensor([e.ids])).logits[0, -1, ids], -1)
-            for e in examples])
+        theirs = torch.stack(
+            [
+                torch.log_softmax(
+                    peft_model(input_ids=torch.tensor([e.ids])).logits[0, -1, ids], -1
+                )
+                for e in examples
+            ]
+        )
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     # the encoder is kept beside PEFT's tensor, so training can go on from the artifact
     reloaded, *_ = load_artifact(tmp_path / "art", load_backbone(str(tiny_model_dir)))

@@ -19,6 +19,7 @@ from tunelab.tasks import load_task
 from tunelab.tasks.encode import encode
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.tasks.readers import Record
+from tunelab.tasks.template import render
 from tunelab.train.loop import resolve_device
 
 # what an artifact fixes (so inference prompts exactly as training did) versus what --task may
@@ -51,6 +52,23 @@ def _pool(task, meta: dict) -> list[Record]:
         Record(f, "demonstration_pool", i)
         for i, f in enumerate(meta.get("demonstration_pool", []), start=1)
     ]
+
+
+def _prediction_rows(prep, split: str, outputs):
+    """One dict per row: input, gold, prediction (and label probabilities)."""
+    task = prep.task
+    for i, rec in enumerate(prep.split(split)):
+        row = {"input": {k: rec.fields[k] for k in task.input_fields}}
+        if task.is_generation:
+            row.update(gold=render(task.target, rec.fields).strip(), predicted=outputs[i])
+        else:
+            labels, probs = prep.verbalizer.labels, outputs[i].exp().tolist()
+            row.update(
+                gold=labels[prep.examples(split)[i].label],
+                predicted=labels[max(range(len(probs)), key=probs.__getitem__)],
+                probabilities=dict(zip(labels, (round(p, 6) for p in probs))),
+            )
+        yield row
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,7 +118,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    """Accuracy, macro-F1 and confusion matrix of a model on a task split."""
+    """Accuracy, macro-F1 and confusion matrix (exact match and token F1 for generation) of a
+    model on a task split."""
     if args.task is None and args.adapter is None:
         raise TunelabError("eval needs --task, --adapter, or both")
     tuned, art_task, meta, backbone = _load(args.adapter, args.model, args.device)
@@ -116,33 +135,27 @@ def run_eval(args: argparse.Namespace) -> None:
     prep = PreparedTask.load(task, backbone.tokenizer, max_length, demo_pool=pool)
     split = prep.eval_split(args.split)
     prep.limit(split, args.limit)
-    metrics, logp = evaluate_split(tuned, prep, split, args.batch_size, bf16=args.bf16)
+    metrics, outputs = evaluate_split(tuned, prep, split, args.batch_size, bf16=args.bf16)
     mode = meta.get("method") or ("in-context" if task.demonstrations.k else "zero-shot")
-    print(
-        f"{task.name} [{split}] {mode}: accuracy {metrics['accuracy']:.4f}, "
-        f"macro-F1 {metrics['macro_f1']:.4f}, n={metrics['n']}"
-    )
-    print(format_confusion(metrics))
+    if task.is_generation:
+        print(
+            f"{task.name} [{split}] {mode}: exact match {metrics['exact_match']:.4f}, "
+            f"token F1 {metrics['token_f1']:.4f}, n={metrics['n']}"
+        )
+    else:
+        print(
+            f"{task.name} [{split}] {mode}: accuracy {metrics['accuracy']:.4f}, "
+            f"macro-F1 {metrics['macro_f1']:.4f}, n={metrics['n']}"
+        )
+        print(format_confusion(metrics))
     out = args.predictions or (
         args.adapter / f"predictions-{split}.jsonl" if args.adapter else None
     )
     if out is not None:
-        labels = prep.verbalizer.labels
         tmp = out.with_name(f".{out.name}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            for rec, ex, row in zip(prep.split(split), prep.examples(split), logp.exp().tolist()):
-                f.write(
-                    json.dumps(
-                        {
-                            "input": {k: rec.fields[k] for k in task.input_fields},
-                            "gold": labels[ex.label],
-                            "predicted": labels[max(range(len(row)), key=row.__getitem__)],
-                            "probabilities": dict(zip(labels, (round(p, 6) for p in row))),
-                        },
-                        ensure_ascii=False,
-                    )
-                    + "\n"
-                )
+            for row in _prediction_rows(prep, split, outputs):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, out)
         print(f"predictions: {out}")
     if args.metrics:
@@ -182,7 +195,8 @@ def _record(task, text: str, i: int) -> Record:
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    """The label and label probabilities for each TEXT, from a trained artifact."""
+    """The label and label probabilities (or the generated text) for each TEXT, from a trained
+    artifact."""
     tuned, task, meta, backbone = _load(args.adapter, args.model, args.device)
     records = [_record(task, t, i) for i, t in enumerate(args.text, start=1)]
     prep = PreparedTask.load(
@@ -195,23 +209,32 @@ def run_predict(args: argparse.Namespace) -> None:
         prep.demos,
         (meta.get("train_config") or {}).get("max_length", 512),
     )
-    probs = (
-        predict_logprobs(tuned, examples, prep.verbalizer, backbone.tokenizer.pad_token_id)
-        .exp()
-        .tolist()
-    )
+    if task.is_generation:
+        from tunelab.evaluate.generate import greedy_generate
+
+        texts = greedy_generate(
+            tuned,
+            examples,
+            backbone.tokenizer,
+            task.generation.max_new_tokens,
+            task.generation.stop,
+        )
+        for text, out in zip(args.text, texts):
+            print(
+                json.dumps({"input": text, "output": out}, ensure_ascii=False)
+                if args.json
+                else f"{out}\t{text}"
+            )
+        return
+    probs = predict_logprobs(tuned, examples, prep.verbalizer, backbone.tokenizer.pad_token_id)
     labels = prep.verbalizer.labels
-    for text, row in zip(args.text, probs):
+    for text, row in zip(args.text, probs.exp().tolist()):
         best = labels[max(range(len(row)), key=row.__getitem__)]
         if args.json:
+            dist = dict(zip(labels, (round(p, 6) for p in row)))
             print(
                 json.dumps(
-                    {
-                        "input": text,
-                        "label": best,
-                        "probabilities": dict(zip(labels, (round(p, 6) for p in row))),
-                    },
-                    ensure_ascii=False,
+                    {"input": text, "label": best, "probabilities": dist}, ensure_ascii=False
                 )
             )
         else:

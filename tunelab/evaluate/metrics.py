@@ -35,3 +35,37 @@ def format_confusion(metrics: dict) -> str:
     head = "gold \\ pred".ljust(w) + "".join(x.rjust(w) for x in labels)
     rows = [labels[i].ljust(w) + "".join(str(v).rjust(w) for v in m[i]) for i in range(len(labels))]
     return "\n".join([head, *rows])
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def token_f1(gold: str, pred: str) -> float:
+    """SQuAD-style F1 over whitespace tokens (lower-cased)."""
+    from collections import Counter
+
+    g, p = _normalise(gold).split(), _normalise(pred).split()
+    common = sum((Counter(g) & Counter(p)).values())
+    if not g or not p:
+        return float(g == p)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generation_metrics(golds: list[str], preds: list[str]) -> dict:
+    """Exact match (after lower-casing and collapsing whitespace) and mean token F1."""
+    n = max(len(golds), 1)
+    return {
+        "exact_match": sum(_normalise(g) == _normalise(p) for g, p in zip(golds, preds)) / n,
+        "token_f1": sum(token_f1(g, p) for g, p in zip(golds, preds)) / n,
+        "n": len(golds),
+    }
+
+
+def headline(metrics: dict) -> tuple[str, float]:
+    """The one number a run is judged by: accuracy, else exact match."""
+    key = "accuracy" if "accuracy" in metrics else "exact_match"
+    return key.replace("_", " "), metrics[key]

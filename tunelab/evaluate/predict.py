@@ -8,6 +8,7 @@ import torch
 
 from tunelab.models.scoring import label_logprobs, make_batch
 from tunelab.tasks.encode import Example
+from tunelab.tasks.template import render
 from tunelab.tasks.verbalizer import Verbalizer
 
 
@@ -55,21 +56,41 @@ def evaluate_split(
     batch_size: int = 32,
     padding_side: str = "left",
     bf16: bool = False,
-) -> tuple[dict, torch.Tensor]:
-    """Metrics and (N, C) log-probabilities of the model on one split of a prepared task."""
+) -> tuple[dict, torch.Tensor | list[str]]:
+    """Metrics of the model on one split of a prepared task, and its outputs: (N, C) label
+    log-probabilities for classification, the generated texts for generation."""
     from tqdm import tqdm
 
-    from tunelab.evaluate.metrics import classification_metrics
+    from tunelab.evaluate.generate import greedy_generate
+    from tunelab.evaluate.metrics import classification_metrics, generation_metrics
 
     examples = prepared.examples(split)
-    with tqdm(
-        total=len(examples),
-        desc=f"eval {split}",
-        unit="ex",
-        dynamic_ncols=True,
-        mininterval=1.0,
-        leave=False,
-    ) as bar:
+    task = prepared.task
+    with (
+        tqdm(
+            total=len(examples),
+            desc=f"eval {split}",
+            unit="ex",
+            dynamic_ncols=True,
+            mininterval=1.0,
+            leave=False,
+        ) as bar,
+        autocast(next(tuned.parameters()).device, bf16),
+    ):
+        if task.is_generation:
+            texts = greedy_generate(
+                tuned,
+                examples,
+                prepared.tokenizer,
+                task.generation.max_new_tokens,
+                task.generation.stop,
+                batch_size,
+                progress=bar,
+            )
+            golds = [render(task.target, r.fields).strip() for r in prepared.split(split)]
+            metrics = generation_metrics(golds, texts)
+            metrics["split"] = split
+            return metrics, texts
         logp = predict_logprobs(
             tuned,
             examples,

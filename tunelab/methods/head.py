@@ -64,6 +64,8 @@ def _tuned(backbone, cfg: HeadConfig, head: nn.Linear) -> TunedLM:
 
 
 def build(backbone, cfg: HeadConfig, verbalizer, seed: int = 0) -> TunedLM:
+    if verbalizer is None:
+        raise TunelabError("method head needs a classification task (label_field, verbalizer)")
     first = [w[0] for w in verbalizer.words]
     head = _head(backbone.model, len(verbalizer.labels), verbalizer.owner, first, cfg, seed)
     return _tuned(backbone, cfg, head)

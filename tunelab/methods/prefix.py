@@ -55,8 +55,11 @@ class Prefix(nn.Module):
         if cfg.projection:
             hidden = model.get_input_embeddings().weight.shape[1]
             self.embedding = nn.Parameter(torch.zeros(self.n, hidden))
-            self.mlp = nn.Sequential(nn.Linear(hidden, cfg.projection_hidden), nn.Tanh(),
-                                     nn.Linear(cfg.projection_hidden, width))
+            self.mlp = nn.Sequential(
+                nn.Linear(hidden, cfg.projection_hidden),
+                nn.Tanh(),
+                nn.Linear(cfg.projection_hidden, width),
+            )
         else:
             self.embedding = nn.Parameter(torch.zeros(self.n, width) if values is None else values)
             self.mlp = None
@@ -85,7 +88,8 @@ def _real_token_kv(backbone, verbalizer, n: int) -> torch.Tensor:
     """Keys and values of real tokens (the label words, repeated to n): a prefix that starts as
     ordinary text rather than noise (Li and Liang found real-word initialisation helps)."""
     words = [t for w in (verbalizer.words if verbalizer else []) for t in w] or [
-        backbone.tokenizer.eos_token_id]
+        backbone.tokenizer.eos_token_id
+    ]
     ids = torch.tensor([[words[i % len(words)] for i in range(n)]])
     device = next(backbone.model.parameters()).device
     out = backbone.model(input_ids=ids.to(device), use_cache=True)
@@ -106,32 +110,37 @@ def build(backbone, cfg: PrefixConfig, verbalizer, seed: int = 0) -> TunedLM:
             ids = [words[i % len(words)] for i in range(cfg.num_virtual_tokens)]
             prefix.embedding.copy_(table[ids])
     else:
-        prefix = Prefix(backbone.model, cfg, _real_token_kv(backbone, verbalizer,
-                                                             cfg.num_virtual_tokens))
+        prefix = Prefix(
+            backbone.model, cfg, _real_token_kv(backbone, verbalizer, cfg.num_virtual_tokens)
+        )
     return TunedLM(backbone.model, bos_id=backbone.tokenizer.bos_token_id, prefix=prefix)
 
 
 def save_files(tuned: TunedLM, cfg: PrefixConfig, out: Path, base_path: str) -> None:
     prefix = tuned.prefix
-    write_json({
-        "peft_type": "PREFIX_TUNING",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_path,
-        "num_virtual_tokens": prefix.n,
-        "token_dim": prefix.heads * prefix.head_dim,
-        "num_transformer_submodules": 1,
-        "num_attention_heads": prefix.heads,
-        "num_layers": prefix.layers,
-        "encoder_hidden_size": cfg.projection_hidden,
-        "prefix_projection": cfg.projection,
-        "inference_mode": True,
-    }, out / ADAPTER_CONFIG)
+    write_json(
+        {
+            "peft_type": "PREFIX_TUNING",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_path,
+            "num_virtual_tokens": prefix.n,
+            "token_dim": prefix.heads * prefix.head_dim,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": prefix.heads,
+            "num_layers": prefix.layers,
+            "encoder_hidden_size": cfg.projection_hidden,
+            "prefix_projection": cfg.projection,
+            "inference_mode": True,
+        },
+        out / ADAPTER_CONFIG,
+    )
     with torch.no_grad():
         values = prefix.values().float()
     atomic_save({"prompt_embeddings": values}, out / ADAPTER_WEIGHTS, {"format": "pt"})
     # PEFT keeps only the final values; keep the encoder too, so training can go on from here
-    atomic_save({k: v for k, v in prefix.state_dict().items()}, out / ENCODER_WEIGHTS,
-                {"format": "pt"})
+    atomic_save(
+        {k: v for k, v in prefix.state_dict().items()}, out / ENCODER_WEIGHTS, {"format": "pt"}
+    )
 
 
 def restore(backbone, cfg: PrefixConfig, out: Path) -> TunedLM:
@@ -148,8 +157,10 @@ def restore(backbone, cfg: PrefixConfig, out: Path) -> TunedLM:
         got = tensors.get(name)
         if got is None or got.shape != want.shape:
             shape = None if got is None else tuple(got.shape)
-            raise TunelabError(f"{path}: tensor {name!r} has shape {shape}, but this model and "
-                               f"config need {tuple(want.shape)}")
+            raise TunelabError(
+                f"{path}: tensor {name!r} has shape {shape}, but this model and "
+                f"config need {tuple(want.shape)}"
+            )
     prefix.load_state_dict({k: tensors[k] for k in own})
     prefix.requires_grad_(False)
     return TunedLM(backbone.model, bos_id=backbone.tokenizer.bos_token_id, prefix=prefix)

@@ -90,10 +90,11 @@ def initial_prompt(
     table = model.get_input_embeddings().weight.detach()  # (V, D)
     n = cfg.num_virtual_tokens
     if cfg.init == "random":
-        # uniform in the range of the vocabulary's values, as Lester et al. compare against
+        # normal, with the spread of the vocabulary's embeddings
         std = table.float().std().item()
         return torch.randn(n, table.shape[1], generator=generator) * std
-    if cfg.init == "vocab":
+    if cfg.init == "vocab" or (cfg.init == "labels" and not label_word_ids):
+        # (a generation task has no label words: sampled vocabulary instead)
         # sample from the 5,000 most common tokens (BPE ids are roughly frequency-ordered)
         top = min(5000, table.shape[0])
         ids = torch.randint(0, top, (n,), generator=generator)

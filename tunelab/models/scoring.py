@@ -20,7 +20,7 @@ def make_batch(
 ) -> dict[str, torch.Tensor]:
     """Padded tensors for `label_logprobs`: one row per example for a head or single-token
     label words, else one row per (example, label word)."""
-    expand = tuned.head is None and not verbalizer.single_token
+    expand = verbalizer is not None and tuned.head is None and not verbalizer.single_token
     batch = collate(examples, verbalizer, pad_id, padding_side, expand)
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -58,6 +58,31 @@ def _label_logsumexp(word_scores: torch.Tensor, verbalizer: Verbalizer) -> torch
     return masked.logsumexp(-1)
 
 
+def target_logprobs(tuned, batch: dict) -> torch.Tensor:
+    """(R, L) log-probability of each target token (0 past a row's target), full-vocabulary
+    logits computed only at the L positions that predict the target."""
+    h, mask = hidden_states(tuned, batch["input_ids"], batch["attention_mask"])
+    return _target_logprobs(tuned, h, last_positions(mask), batch)
+
+
+def _target_logprobs(tuned, h, last, batch) -> torch.Tensor:
+    targets, valid = batch["target_ids"], batch["target_mask"].bool()  # (R, L)
+    lens = valid.sum(1)  # (R,)
+    offs = torch.arange(targets.size(1), device=h.device)[None, :]  # (1, L)
+    # the row's last len(target) positions predict the target; slots past a shorter target are
+    # clamped into range and masked out below
+    pos = (last[:, None] - lens[:, None] + 1 + offs).clamp(0, h.size(1) - 1)  # (R, L)
+    h_t = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))  # (R, L, D)
+    logp = F.log_softmax(tuned.model.get_output_embeddings()(h_t).float(), -1)  # (R, L, V)
+    return logp.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~valid, 0.0)
+
+
+def target_nll(tuned, batch: dict) -> torch.Tensor:
+    """Mean negative log-likelihood over every target token of the batch (generation loss)."""
+    tok = target_logprobs(tuned, batch)
+    return -tok.sum() / batch["target_mask"].sum()
+
+
 def label_logprobs(tuned, batch: dict, verbalizer: Verbalizer) -> torch.Tensor:
     """(B, C) log-probabilities of each label, normalised over the labels."""
     h, mask = hidden_states(tuned, batch["input_ids"], batch["attention_mask"])
@@ -65,30 +90,17 @@ def label_logprobs(tuned, batch: dict, verbalizer: Verbalizer) -> torch.Tensor:
     if tuned.head is not None:  # a classification layer on the answer position's hidden state
         h_last = h[torch.arange(h.size(0)), last]  # (B, D)
         return F.log_softmax(tuned.head(h_last.to(tuned.head.weight.dtype)).float(), -1)
-    head = tuned.model.get_output_embeddings()
-    if verbalizer.single_token:
+    if "target_ids" in batch:
+        # rows are (example, word) pairs: a word's score is its tokens' summed log-probability
+        word_scores = (
+            _target_logprobs(tuned, h, last, batch).sum(-1).view(-1, len(verbalizer.words))
+        )
+    else:
+        head = tuned.model.get_output_embeddings()
         h_last = h[torch.arange(h.size(0)), last]  # (B, D)
         ids = torch.tensor([w[0] for w in verbalizer.words], device=h.device)
         # only the label words' rows of the LM head: (B, D) @ (D, W)
         word_scores = h_last @ head.weight[ids].T.to(h_last.dtype)
         if getattr(head, "bias", None) is not None:
             word_scores = word_scores + head.bias[ids]
-    else:
-        # rows are (example, word) pairs; the word's L tokens are predicted at the L last slots
-        W = len(verbalizer.words)
-        lens = torch.tensor([len(w) for w in verbalizer.words], device=h.device).repeat(
-            h.size(0) // W
-        )  # (R,)
-        L = int(lens.max())
-        offs = torch.arange(L, device=h.device)[None, :]  # (1, L)
-        valid = offs < lens[:, None]  # (R, L)
-        # (R, L); slots past a shorter word are clamped into range and masked out below
-        pos = (last[:, None] - lens[:, None] + 1 + offs).clamp(0, h.size(1) - 1)
-        h_words = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))  # (R, L, D)
-        logp = F.log_softmax(head(h_words).float(), -1)  # (R, L, V): full vocab at L slots only
-        targets = torch.zeros_like(pos)
-        for r in range(W):
-            targets[r::W, : len(verbalizer.words[r])] = torch.tensor(verbalizer.words[r])
-        tok = logp.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~valid, 0.0)
-        word_scores = tok.sum(-1).view(-1, W)  # (B, W)
     return F.log_softmax(_label_logsumexp(word_scores.float(), verbalizer), -1)

@@ -15,7 +15,8 @@ def _check_rows(task: TaskSpec, split: str, rows: list[Record]) -> None:
     if not rows:
         where = task.data.get(split, task.source)
         raise TunelabError(f"{where}: split {split!r} has no rows")
-    needed = list(task.input_fields) + ([task.label_field] if task.label_field else [])
+    needed = list(task.input_fields) + task.target_fields
+    needed += [task.label_field] if task.label_field else []
     for r in rows:
         for name in needed:
             if name not in r.fields:

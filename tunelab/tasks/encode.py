@@ -14,6 +14,7 @@ from tunelab.tasks.template import render
 class Example:
     ids: list[int]  # the prompt; the answer follows its last token
     label: int | None  # index into the verbalizer's labels
+    target: list[int] | None = None  # generation: the tokens to produce, ending in EOS
 
 
 def prompt_text(task: TaskSpec, record: Record, demos: DemoSelector | None) -> str:
@@ -31,17 +32,28 @@ def encode(
     demos: DemoSelector | None = None,
     max_length: int = 512,
 ) -> list[Example]:
-    """Tokenise each row's prompt; over-long prompts keep their end (where the answer goes)."""
+    """Tokenise each row's prompt (and target); over-long prompts keep their end, where the
+    answer goes, so that prompt and target fit in `max_length` tokens."""
     texts = [prompt_text(task, r, demos) for r in records]
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    targets: list[list[int] | None] = [None] * len(records)
+    if task.is_generation:
+        have = [i for i, r in enumerate(records) if all(f in r.fields for f in task.target_fields)]
+        rendered = [render(task.target, records[i].fields) for i in have]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for i, t in zip(
+            have, tokenizer(rendered, add_special_tokens=False)["input_ids"] if have else []
+        ):
+            targets[i] = (list(t) + eos)[: max_length - 1]
     bos = tokenizer.bos_token_id
     out = []
-    for seq, r in zip(ids, records):
-        if len(seq) > max_length:
+    for seq, r, target in zip(ids, records, targets):
+        room = max_length - (len(target) if target else 0)
+        if len(seq) > room:
             keep_bos = bos is not None and seq[0] == bos
-            seq = ([bos] if keep_bos else []) + seq[len(seq) - max_length + keep_bos :]
+            seq = ([bos] if keep_bos else []) + seq[len(seq) - room + keep_bos :]
         label = None
         if task.label_field and task.label_field in r.fields:
             label = task.labels.index(str(r.fields[task.label_field]))
-        out.append(Example(list(seq), label))
+        out.append(Example(list(seq), label, target))
     return out

@@ -18,7 +18,7 @@ class PreparedTask:
     task: TaskSpec
     tokenizer: object
     splits: dict[str, list[Record]]
-    verbalizer: Verbalizer
+    verbalizer: Verbalizer | None  # None for a generation task
     demos: DemoSelector | None
     max_length: int = 512
     _encoded: dict[str, list[Example]] = field(default_factory=dict, repr=False)
@@ -32,12 +32,7 @@ class PreparedTask:
         splits: dict[str, list[Record]] | None = None,
         demo_pool: list[Record] | None = None,
     ) -> PreparedTask:
-        if task.label_field is None:
-            raise TunelabError(
-                f"{task.source}: only classification tasks (with `label_field:` and "
-                "`verbalizer:`) are supported so far"
-            )
-        verbalizer = Verbalizer.build(task, tokenizer)
+        verbalizer = None if task.is_generation else Verbalizer.build(task, tokenizer)
         splits = load_splits(task) if splits is None else splits
         pool = demo_pool if demo_pool is not None else splits.get("train", [])
         demos = DemoSelector(task, pool) if task.demonstrations.k > 0 and pool else None

@@ -33,6 +33,14 @@ class FewShot:
 
 
 @dataclass
+class Generation:
+    """Greedy decoding for tasks with a `target:` template."""
+
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=lambda: ["\n"])  # the output ends before any of these
+
+
+@dataclass
 class Validation:
     """Where validation rows come from: a named split, else carved from train (seeded)."""
 
@@ -48,6 +56,8 @@ class TaskSpec:
     input_fields: list[str]
     label_field: str | None = None
     verbalizer: dict[str, list[str]] = field(default_factory=dict)
+    target: str | None = None  # generation: the text to produce after the prompt, a template
+    generation: Generation = field(default_factory=Generation)
     data: dict[str, str] = field(default_factory=dict)  # split -> absolute file path
     dataset: dict | None = None  # {"name": ..., "config": ...} for Hugging Face datasets
     holdout: dict[str, int] = field(default_factory=dict)  # split -> rows carved from train
@@ -62,6 +72,14 @@ class TaskSpec:
     @property
     def labels(self) -> list[str]:
         return list(self.verbalizer)
+
+    @property
+    def is_generation(self) -> bool:
+        return self.target is not None
+
+    @property
+    def target_fields(self) -> list[str]:
+        return placeholders(self.target) if self.target else []
 
     def where(self, key: str) -> str:
         """`file:line` of a key of the task file, for error messages."""
@@ -89,6 +107,7 @@ class TaskSpec:
             ("few_shot", FewShot),
             ("validation", Validation),
             ("demonstrations", Demonstrations),
+            ("generation", Generation),
         ):
             if isinstance(d.get(key), dict):
                 d[key] = _sub(sub, d[key], key, source, lines or {})
@@ -113,6 +132,26 @@ class TaskSpec:
                     f"{self.where('template')}: template placeholder {{{name}}} names no input "
                     f"field (input_fields: {', '.join(self.input_fields)})"
                 )
+        if self.target is not None:
+            if self.label_field is not None or self.verbalizer:
+                raise TunelabError(
+                    f"{self.where('target')}: a task has either `target:` (generation) or "
+                    "`label_field:` and `verbalizer:` (classification), not both"
+                )
+            if self.demonstrations.k:
+                raise TunelabError(
+                    f"{self.where('demonstrations')}: demonstrations for generation tasks are "
+                    "not supported yet"
+                )
+            if self.generation.max_new_tokens < 1:
+                raise TunelabError(
+                    f"{self.where('generation.max_new_tokens')}: max_new_tokens must be >= 1"
+                )
+        elif self.label_field is None:
+            raise TunelabError(
+                f"{self.source}: a task needs `label_field:` and `verbalizer:` (classification) "
+                "or `target:` (generation)"
+            )
         if self.label_field is not None:
             if not self.verbalizer:
                 raise TunelabError(

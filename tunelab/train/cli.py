@@ -10,6 +10,7 @@ from pathlib import Path
 from tunelab import methods
 from tunelab.artifact import save_artifact
 from tunelab.errors import TunelabError
+from tunelab.evaluate.metrics import headline
 from tunelab.evaluate.predict import evaluate_split
 from tunelab.methods.base import TunedLM
 from tunelab.models import load_backbone
@@ -118,9 +119,10 @@ def run(args: argparse.Namespace) -> None:
     val_name = task.validation.split
     train_ex = prep.examples("train")
     val_ex = prep.examples(val_name) if val_name in prep.splits else []
+    kind = "generation" if task.is_generation else "labels " + ", ".join(prep.verbalizer.labels)
     print(
         f"task {task.name}: {len(train_ex)} train, {len(val_ex)} validation, "
-        f"{len(prep.split(report))} {report}; labels {', '.join(prep.verbalizer.labels)}"
+        f"{len(prep.split(report))} {report}; {kind}"
     )
     evaluate = dict(
         batch_size=train_cfg.eval_batch_size,
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
     baseline = None
     if args.baseline:
         baseline, _ = evaluate_split(TunedLM(backbone.model), prep, report, **evaluate)
-        print(f"zero-shot {report} accuracy: {baseline['accuracy']:.4f}")
+        print("zero-shot {} {}: {:.4f}".format(report, *headline(baseline)))
 
     tuned = method.build(backbone, method_cfg, prep.verbalizer, train_cfg.seed)
     n_train = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
@@ -142,6 +144,12 @@ def run(args: argparse.Namespace) -> None:
     )
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(tuned, args.method)
+    validate = None
+    if task.is_generation and val_ex:
+        # exact match of greedy decoding on the validation split picks the best checkpoint
+        def validate(t) -> float:
+            return evaluate_split(t, prep, val_name, **evaluate)[0]["exact_match"]
+
     start = time.perf_counter()
     result = train(
         tuned,
@@ -156,12 +164,13 @@ def run(args: argparse.Namespace) -> None:
         weight_decay=method_cfg.weight_decay
         if train_cfg.weight_decay is None
         else train_cfg.weight_decay,
+        validate=validate,
     )
     seconds = time.perf_counter() - start
     metrics, _ = evaluate_split(tuned, prep, report, **evaluate)
     summary = {
         report: metrics,
-        "best_val_accuracy": result.best_metric,
+        "best_validation": result.best_metric,
         "best_step": result.best_step,
         "steps": result.step,
         "train_seconds": round(seconds, 1),
@@ -192,11 +201,11 @@ def run(args: argparse.Namespace) -> None:
         f"trained {result.step} steps in {seconds:.0f}s{best}; "
         f"peak memory {summary['peak_memory_mb']:,.0f} MB"
     )
+    name, value = headline(metrics)
     if baseline is not None:
         print(
-            f"{report} accuracy: zero-shot {baseline['accuracy']:.4f} -> "
-            f"{args.method} {metrics['accuracy']:.4f}"
+            f"{report} {name}: zero-shot {headline(baseline)[1]:.4f} -> {args.method} {value:.4f}"
         )
     else:
-        print(f"{report} accuracy: {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+        print(f"{report} {name}: {value:.4f}")
     print(f"artifact: {args.out}")

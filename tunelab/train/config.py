@@ -72,6 +72,10 @@ def _coerce(cls, name: str, raw: str, value):
     elif "float" in kind:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        try:  # YAML 1.1 reads 3e-3 (no dot) as a string; people write it that way
+            return float(raw)
+        except ValueError:
+            pass
     elif "str" in kind:
         return raw
     else:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.predict import autocast, predict_logprobs
-from tunelab.models.scoring import label_logprobs, make_batch
+from tunelab.models.scoring import label_logprobs, make_batch, target_nll
 from tunelab.train.checkpoint import atomic_save, load, load_training_state, save_training_state
 from tunelab.train.config import TrainConfig
 
@@ -73,11 +73,14 @@ def train(
     pad_id: int,
     resume: bool = False,
     weight_decay: float = 0.0,
+    validate=None,
 ) -> TrainResult:
     """Train `tuned`'s trainable parameters; leave it holding the best validation weights.
 
     `lr` and `weight_decay` are the method's (or the user's); parts that a method trains at
-    their own rate (`tuned.group_lr`) keep it.
+    their own rate (`tuned.group_lr`) keep it. Without a verbalizer the task is generation:
+    the loss is the target tokens' mean negative log-likelihood. `validate(tuned) -> score`
+    replaces the default validation (label accuracy on `val_ex`).
     """
     device = resolve_device(cfg.device)
     tuned.to(device)
@@ -116,9 +119,13 @@ def train(
                 tuned, [train_ex[i] for i in idx], verbalizer, pad_id, cfg.padding_side, device
             )
             with autocast(device, cfg.bf16):
-                logp = label_logprobs(tuned, batch, verbalizer)  # (B, C)
+                if verbalizer is None:
+                    loss = target_nll(tuned, batch)
+                else:
+                    logp = label_logprobs(tuned, batch, verbalizer)  # (B, C)
+                    loss = F.nll_loss(logp.float(), batch["labels"])
             # divided by the accumulation steps so the summed gradient is the big batch's mean
-            loss = F.nll_loss(logp.float(), batch["labels"]) / cfg.grad_accum
+            loss = loss / cfg.grad_accum
             loss.backward()
             total += loss.item()
         if not math.isfinite(total):
@@ -133,19 +140,22 @@ def train(
         res.step += 1
         ema = total if ema is None else 0.9 * ema + 0.1 * total
         record = {"step": res.step, "loss": round(total, 5), "lr": opt.param_groups[0]["lr"]}
-        if val_ex and (res.step % cfg.eval_every == 0 or res.step == cfg.steps):
-            acc = validation_accuracy(tuned, val_ex, verbalizer, pad_id, cfg)
-            record["val_accuracy"] = acc
+        if (val_ex or validate) and (res.step % cfg.eval_every == 0 or res.step == cfg.steps):
+            if validate is not None:
+                acc = validate(tuned)
+            else:
+                acc = validation_accuracy(tuned, val_ex, verbalizer, pad_id, cfg)
+            record["validation"] = acc
             if res.best_metric is None or acc > res.best_metric:
                 res.best_metric, res.best_step, res.bad_evals = acc, res.step, 0
                 atomic_save(
-                    tuned.trainable_state(), best_path, {"step": res.step, "val_accuracy": acc}
+                    tuned.trainable_state(), best_path, {"step": res.step, "validation": acc}
                 )
             else:
                 res.bad_evals += 1
                 if cfg.patience and res.bad_evals >= cfg.patience:
                     res.stopped_early = True
-            bar.set_postfix(loss=f"{ema:.4f}", val_acc=f"{acc:.3f}", best=f"{res.best_metric:.3f}")
+            bar.set_postfix(loss=f"{ema:.4f}", val=f"{acc:.3f}", best=f"{res.best_metric:.3f}")
         elif res.step % 5 == 0:
             bar.set_postfix(loss=f"{ema:.4f}")
         res.history.append(record)
