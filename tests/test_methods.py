@@ -266,3 +266,65 @@ def test_prefix_artifact_loads_in_peft_with_the_same_scores(
     # the encoder is kept beside PEFT's tensor, so training can go on from the artifact
     reloaded, *_ = load_artifact(tmp_path / "art", load_backbone(str(tiny_model_dir)))
     assert (reloaded.prefix.mlp is not None) == projection
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "lora", "full"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tiny_task, method):
+    import torch.nn.functional as F
+
+    from tunelab.models.scoring import label_logprobs, make_batch
+    from tunelab.train.cli import enable_gradient_checkpointing
+
+    def grads(checkpointing: bool):
+        backbone, prep, cfg, tuned = _setup(
+            tiny_model_dir, tiny_task, method, {"dropout": 0.0} if method == "lora" else {}
+        )
+        if checkpointing:
+            enable_gradient_checkpointing(tuned, method)
+            assert any(getattr(m, "gradient_checkpointing", False) for m in tuned.model.modules())
+        tuned.train()
+        batch = make_batch(
+            tuned,
+            prep.examples("train")[:6],
+            prep.verbalizer,
+            backbone.tokenizer.pad_token_id,
+            "left",
+            torch.device("cpu"),
+        )
+        F.nll_loss(label_logprobs(tuned, batch, prep.verbalizer), batch["labels"]).backward()
+        return {n: p.grad.clone() for n, p in tuned.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_is_refused_where_no_gradient_crosses_the_model(
+    tiny_model_dir, tiny_task
+):
+    from tunelab.train.cli import enable_gradient_checkpointing
+
+    *_, tuned = _setup(tiny_model_dir, tiny_task, "head", {})
+    with pytest.raises(TunelabError, match="frozen backbone sends no gradient through it"):
+        enable_gradient_checkpointing(tuned, "head")
+
+
+def test_bf16_autocast_trains_and_agrees_with_float32(tiny_model_dir, tiny_task, tmp_path):
+    backbone, prep, cfg, tuned = _setup(tiny_model_dir, tiny_task, "lora", {})
+    pad = backbone.tokenizer.pad_token_id
+    examples = prep.examples("test")
+    fp32 = predict_logprobs(tuned, examples, prep.verbalizer, pad)
+    bf16 = predict_logprobs(tuned, examples, prep.verbalizer, pad, bf16=True)
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.05)  # bfloat16 has 8 bits of mantissa
+    res = train(
+        tuned,
+        prep.examples("train"),
+        prep.examples("validation"),
+        prep.verbalizer,
+        _cfg(bf16=True),
+        1e-2,
+        tmp_path,
+        pad,
+    )
+    assert res.step == 6 and all(torch.isfinite(v).all() for v in tuned.trainable_state().values())

@@ -82,9 +82,11 @@ def enable_gradient_checkpointing(tuned, method: str) -> None:
             f"gradient_checkpointing: method {method} with a frozen backbone sends no gradient "
             "through it, so there is nothing to recompute; use train_backbone=true or drop it"
         )
-    tuned.model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False}
-    )
+    kwargs = {"use_reentrant": False}  # works when the inputs themselves need no gradient
+    if hasattr(tuned.model, "activation_checkpointing_enable"):  # transformers >= 5
+        tuned.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        tuned.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def peak_memory_mb(device) -> float:
