@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tunelab.__main__ import COMMANDS, main
 
@@ -193,3 +194,49 @@ def test_set_reads_numbers_as_people_write_them():
         ["lr=3e-3", "bf16=true", "warmup=10", "schedule=cosine"], TrainConfig()
     )
     assert (cfg.lr, cfg.bf16, cfg.warmup, cfg.schedule) == (3e-3, True, 10.0, "cosine")
+
+
+def test_kill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_task,
+                                                               tmp_path):
+    """A real SIGKILL: checkpoints are written atomically, so whatever instant the process dies
+    at, --resume continues to the same weights."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    args = ["--task", str(tiny_task), "--model", str(tiny_model_dir), "--set", "steps=150",
+            "--set", "save_every=1", "--set", "eval_every=50", "--set", "batch_size=4"]
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    cmd = [sys.executable, "-m", "tunelab", "train", *args]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([*cmd, "--out", str(whole)], env=env, check=True, capture_output=True)
+
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.safetensors"
+    deadline = time.time() + 120
+    while not last.is_file() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # well inside the run: it checkpoints every step
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "tunelab.json").is_file(), "the run finished before it was killed"
+
+    resumed = subprocess.run([*cmd, "--out", str(killed), "--resume"], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a = load_file(str(whole / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapter_model.safetensors"))
+    assert torch.equal(a["prompt_embeddings"], b["prompt_embeddings"])
+
+
+def test_early_stopping_after_patience_runs_without_improvement(tiny_model_dir, tiny_task,
+                                                               tmp_path, capsys):
+    # a learning rate too small to change any prediction: validation never improves
+    assert _train(tiny_model_dir, tiny_task, tmp_path / "run", "--set", "steps=40",
+                  "--set", "eval_every=2", "--set", "patience=2", "--set", "lr=1e-12") == 0
+    assert "early stop at step 6: no improvement in 2 validation runs" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "run" / "tunelab.json").read_text())
+    assert meta["metrics"]["steps"] == 6 and meta["metrics"]["best_step"] == 2

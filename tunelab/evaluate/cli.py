@@ -16,7 +16,6 @@ from tunelab.evaluate.predict import evaluate_split, predict_logprobs
 from tunelab.methods.base import TunedLM
 from tunelab.models import load_backbone
 from tunelab.tasks import load_task
-from tunelab.tasks.encode import encode
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.tasks.readers import Record
 from tunelab.tasks.template import render
@@ -31,6 +30,8 @@ _PROMPT_KEYS = (
     "verbalizer",
     "answer_prefix",
     "demonstrations",
+    "target",
+    "generation",
 )
 
 
@@ -47,11 +48,21 @@ def _load(adapter: Path | None, model: str | None, device: str):
     return tuned, task, meta, backbone
 
 
-def _pool(task, meta: dict) -> list[Record]:
-    return [
-        Record(f, "demonstration_pool", i)
-        for i, f in enumerate(meta.get("demonstration_pool", []), start=1)
-    ]
+def _pool(meta: dict) -> list[Record] | None:
+    """The rows an artifact drew demonstrations from (None when it used none)."""
+    rows = meta.get("demonstration_pool") or []
+    return [Record(f, "demonstration_pool", i) for i, f in enumerate(rows, start=1)] or None
+
+
+def _max_length(meta: dict) -> int:
+    """The prompt length the artifact was trained with (prompts are cut the same way)."""
+    return (meta.get("train_config") or {}).get("max_length", 512)
+
+
+def _distribution(labels: list[str], probs: list[float]) -> tuple[str, dict[str, float]]:
+    """The most probable label and every label's probability."""
+    best = labels[max(range(len(probs)), key=probs.__getitem__)]
+    return best, dict(zip(labels, (round(p, 6) for p in probs)))
 
 
 def _prediction_rows(prep, split: str, outputs):
@@ -62,11 +73,10 @@ def _prediction_rows(prep, split: str, outputs):
         if task.is_generation:
             row.update(gold=render(task.target, rec.fields).strip(), predicted=outputs[i])
         else:
-            labels, probs = prep.verbalizer.labels, outputs[i].exp().tolist()
+            labels = prep.verbalizer.labels
+            best, dist = _distribution(labels, outputs[i].exp().tolist())
             row.update(
-                gold=labels[prep.examples(split)[i].label],
-                predicted=labels[max(range(len(probs)), key=probs.__getitem__)],
-                probabilities=dict(zip(labels, (round(p, 6) for p in probs))),
+                gold=labels[prep.examples(split)[i].label], predicted=best, probabilities=dist
             )
         yield row
 
@@ -130,9 +140,7 @@ def run_eval(args: argparse.Namespace) -> None:
         task = dataclasses.replace(
             task, demonstrations=dataclasses.replace(task.demonstrations, k=args.demos)
         )
-    max_length = (meta.get("train_config") or {}).get("max_length", 512)
-    pool = _pool(task, meta) if meta.get("demonstration_pool") else None
-    prep = PreparedTask.load(task, backbone.tokenizer, max_length, demo_pool=pool)
+    prep = PreparedTask.load(task, backbone.tokenizer, _max_length(meta), demo_pool=_pool(meta))
     split = prep.eval_split(args.split)
     prep.limit(split, args.limit)
     metrics, outputs = evaluate_split(tuned, prep, split, args.batch_size, bf16=args.bf16)
@@ -200,15 +208,13 @@ def run_predict(args: argparse.Namespace) -> None:
     tuned, task, meta, backbone = _load(args.adapter, args.model, args.device)
     records = [_record(task, t, i) for i, t in enumerate(args.text, start=1)]
     prep = PreparedTask.load(
-        task, backbone.tokenizer, splits={}, demo_pool=_pool(task, meta) or None
-    )
-    examples = encode(
         task,
-        records,
         backbone.tokenizer,
-        prep.demos,
-        (meta.get("train_config") or {}).get("max_length", 512),
+        _max_length(meta),
+        splits={"input": records},
+        demo_pool=_pool(meta),
     )
+    examples = prep.examples("input")
     if task.is_generation:
         from tunelab.evaluate.generate import greedy_generate
 
@@ -229,15 +235,14 @@ def run_predict(args: argparse.Namespace) -> None:
     probs = predict_logprobs(tuned, examples, prep.verbalizer, backbone.tokenizer.pad_token_id)
     labels = prep.verbalizer.labels
     for text, row in zip(args.text, probs.exp().tolist()):
-        best = labels[max(range(len(row)), key=row.__getitem__)]
+        best, dist = _distribution(labels, row)
         if args.json:
-            dist = dict(zip(labels, (round(p, 6) for p in row)))
             print(
                 json.dumps(
                     {"input": text, "label": best, "probabilities": dist}, ensure_ascii=False
                 )
             )
         else:
-            dist = "  ".join(f"{lab}={p:.3f}" for lab, p in zip(labels, row))
-            print(f"{best}\t{dist}\t{text}")
+            shown = "  ".join(f"{lab}={p:.3f}" for lab, p in dist.items())
+            print(f"{best}\t{shown}\t{text}")
     sys.stdout.flush()
