@@ -52,40 +52,11 @@ def test_train_eval_predict(tiny_model_dir, tiny_task, tmp_path, capsys):
 
 def test_zero_shot_and_in_context_eval(tiny_model_dir, tiny_task, tmp_path, capsys):
     metrics = tmp_path / "m.json"
-    assert (
-        main(
-            [
-                "eval",
-                "--task",
-                str(tiny_task),
-                "--model",
-                str(tiny_model_dir),
-                "--metrics",
-                str(metrics),
-            ]
-        )
-        == 0
-    )
+    base = f"eval --task {tiny_task} --model {tiny_model_dir}"
+    assert main(f"{base} --metrics {metrics}".split()) == 0
     assert "tiny [test] zero-shot: accuracy" in capsys.readouterr().out
     assert json.loads(metrics.read_text())["n"] == 16
-    assert (
-        main(
-            [
-                "eval",
-                "--task",
-                str(tiny_task),
-                "--model",
-                str(tiny_model_dir),
-                "--demos",
-                "1",
-                "--split",
-                "validation",
-                "--limit",
-                "5",
-            ]
-        )
-        == 0
-    )
+    assert main(f"{base} --demos 1 --split validation --limit 5".split()) == 0
     assert "tiny [validation] in-context: accuracy" in capsys.readouterr().out
 
 
@@ -118,19 +89,9 @@ def test_bad_settings_exit_2(tiny_model_dir, tiny_task, tmp_path, capsys, args, 
 def test_bad_input_is_one_line_exit_2_no_traceback(tiny_model_dir, tiny_task, tmp_path):
     (tiny_task.parent / "train.jsonl").write_text('{"text": "ok", "label": "positive"}\n{oops\n')
     env = dict(os.environ, PYTHONPATH=os.getcwd())
+    args = f"train --task {tiny_task} --model {tiny_model_dir} --out {tmp_path / 'x'}".split()
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tunelab",
-            "train",
-            "--task",
-            str(tiny_task),
-            "--model",
-            str(tiny_model_dir),
-            "--out",
-            str(tmp_path / "x"),
-        ],
+        [sys.executable, "-m", "tunelab", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -196,8 +157,7 @@ def test_set_reads_numbers_as_people_write_them():
     assert (cfg.lr, cfg.bf16, cfg.warmup, cfg.schedule) == (3e-3, True, 10.0, "cosine")
 
 
-def test_kill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_task,
-                                                               tmp_path):
+def test_kill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_task, tmp_path):
     """A real SIGKILL: checkpoints are written atomically, so whatever instant the process dies
     at, --resume continues to the same weights."""
     import signal
@@ -205,15 +165,28 @@ def test_kill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_model_dir, t
 
     from safetensors.torch import load_file
 
-    args = ["--task", str(tiny_task), "--model", str(tiny_model_dir), "--set", "steps=150",
-            "--set", "save_every=1", "--set", "eval_every=50", "--set", "batch_size=4"]
+    args = [
+        "--task",
+        str(tiny_task),
+        "--model",
+        str(tiny_model_dir),
+        "--set",
+        "steps=150",
+        "--set",
+        "save_every=1",
+        "--set",
+        "eval_every=50",
+        "--set",
+        "batch_size=4",
+    ]
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     cmd = [sys.executable, "-m", "tunelab", "train", *args]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run([*cmd, "--out", str(whole)], env=env, check=True, capture_output=True)
 
-    proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     last = killed / "checkpoints" / "last.safetensors"
     deadline = time.time() + 120
     while not last.is_file() and time.time() < deadline:
@@ -223,8 +196,9 @@ def test_kill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_model_dir, t
     proc.wait()
     assert not (killed / "tunelab.json").is_file(), "the run finished before it was killed"
 
-    resumed = subprocess.run([*cmd, "--out", str(killed), "--resume"], env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        [*cmd, "--out", str(killed), "--resume"], env=env, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     a = load_file(str(whole / "adapter_model.safetensors"))
@@ -232,11 +206,12 @@ def test_kill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_model_dir, t
     assert torch.equal(a["prompt_embeddings"], b["prompt_embeddings"])
 
 
-def test_early_stopping_after_patience_runs_without_improvement(tiny_model_dir, tiny_task,
-                                                               tmp_path, capsys):
+def test_early_stopping_after_patience_runs_without_improvement(
+    tiny_model_dir, tiny_task, tmp_path, capsys
+):
     # a learning rate too small to change any prediction: validation never improves
-    assert _train(tiny_model_dir, tiny_task, tmp_path / "run", "--set", "steps=40",
-                  "--set", "eval_every=2", "--set", "patience=2", "--set", "lr=1e-12") == 0
+    budget = "--set steps=40 --set eval_every=2 --set patience=2 --set lr=1e-12".split()
+    assert _train(tiny_model_dir, tiny_task, tmp_path / "run", *budget) == 0
     assert "early stop at step 6: no improvement in 2 validation runs" in capsys.readouterr().out
     meta = json.loads((tmp_path / "run" / "tunelab.json").read_text())
     assert meta["metrics"]["steps"] == 6 and meta["metrics"]["best_step"] == 2

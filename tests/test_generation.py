@@ -149,28 +149,9 @@ def test_full_fine_tuning_learns_the_sql_and_the_cli_reports_it(
 ):
     out = tmp_path / "run"
     code = main(
-        [
-            "train",
-            "--task",
-            str(sql_task),
-            "--model",
-            str(tiny_model_dir),
-            "--method",
-            "full",
-            "--out",
-            str(out),
-            "--eval-split",
-            "train",
-            "--baseline",
-            "--set",
-            "steps=80",
-            "--set",
-            "batch_size=4",
-            "--set",
-            "lr=1e-2",
-            "--set",
-            "warmup=5",
-        ]
+        f"train --task {sql_task} --model {tiny_model_dir} --method full --out {out} "
+        "--eval-split train --baseline --set steps=80 --set batch_size=4 --set lr=1e-2 "
+        "--set warmup=5".split()
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -185,19 +166,8 @@ def test_full_fine_tuning_learns_the_sql_and_the_cli_reports_it(
 
 def test_head_refuses_a_generation_task(tiny_model_dir, sql_task, tmp_path, capsys):
     code = main(
-        [
-            "train",
-            "--task",
-            str(sql_task),
-            "--model",
-            str(tiny_model_dir),
-            "--method",
-            "head",
-            "--out",
-            str(tmp_path / "x"),
-            "--set",
-            "steps=1",
-        ]
+        f"train --task {sql_task} --model {tiny_model_dir} --method head --out {tmp_path / 'x'} "
+        "--set steps=1".split()
     )
     assert code == 2 and "method head needs a classification task" in capsys.readouterr().err
 
