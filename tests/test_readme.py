@@ -20,6 +20,8 @@ BUDGET = {
     "train": ["--set", "steps=2", "--set", "eval_every=2", "--set", "batch_size=4", "--limit", "8"],
     "eval": ["--limit", "8"],
     "predict": [],
+    "advise": [],
+    "compare": ["--set", "steps=2", "--set", "eval_every=2", "--set", "batch_size=4", "--limit", "8"],
 }
 
 

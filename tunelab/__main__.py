@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tunelab.compare.advise import add_arguments as add_advise_arguments
+from tunelab.compare.advise import run as run_advise
+from tunelab.compare.run import add_arguments as add_compare_arguments
+from tunelab.compare.run import run as run_compare
 from tunelab.errors import TunelabError
 from tunelab.evaluate.cli import add_eval_arguments, add_predict_arguments, run_eval, run_predict
 from tunelab.train.cli import add_arguments as add_train_arguments
@@ -14,6 +18,8 @@ COMMANDS = {
     "train": (add_train_arguments, run_train),
     "eval": (add_eval_arguments, run_eval),
     "predict": (add_predict_arguments, run_predict),
+    "compare": (add_compare_arguments, run_compare),
+    "advise": (add_advise_arguments, run_advise),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -64,8 +65,9 @@ def evaluate_split(
     from tunelab.evaluate.generate import greedy_generate
     from tunelab.evaluate.metrics import classification_metrics, generation_metrics
 
-    examples = prepared.examples(split)
+    examples = prepared.examples(split)  # encoded before the clock starts
     task = prepared.task
+    start = time.perf_counter()
     with (
         tqdm(
             total=len(examples),
@@ -89,7 +91,7 @@ def evaluate_split(
             )
             golds = [render(task.target, r.fields).strip() for r in prepared.split(split)]
             metrics = generation_metrics(golds, texts)
-            metrics["split"] = split
+            metrics.update(split=split, seconds=round(time.perf_counter() - start, 3))
             return metrics, texts
         logp = predict_logprobs(
             tuned,
@@ -103,5 +105,5 @@ def evaluate_split(
         )
     gold = [ex.label for ex in examples]
     metrics = classification_metrics(gold, logp.argmax(-1).tolist(), prepared.verbalizer.labels)
-    metrics["split"] = split
+    metrics.update(split=split, seconds=round(time.perf_counter() - start, 3))
     return metrics, logp

@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     metrics, _ = evaluate_split(tuned, prep, report, **evaluate)
     summary = {
+        "split": report,
         report: metrics,
         "best_validation": result.best_metric,
         "best_step": result.best_step,

