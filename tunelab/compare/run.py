@@ -25,20 +25,38 @@ DEFAULT_METHODS = "zero-shot,in-context,prompt-tuning,prefix,lora,freeze,head,fu
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="task YAML file, or a built-in task: demo")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help=f"comma-separated, run in this order (default: {DEFAULT_METHODS})")
-    p.add_argument("--out", required=True, type=Path,
-                   help="folder for the runs, results.json, report.md and report.html")
+    p.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated, run in this order (default: {DEFAULT_METHODS})",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="folder for the runs, results.json, report.md and report.html",
+    )
     p.add_argument("--model", default=None, help="as for `tunelab train`")
     p.add_argument("--seeds", default="42", help="comma-separated seeds; 2+ give mean and spread")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="training settings for every trained method (steps, batch_size, bf16, ...)")
-    p.add_argument("--eval-split", default=None,
-                   help="the split every method is scored on (default: test, else validation)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training settings for every trained method (steps, batch_size, bf16, ...)",
+    )
+    p.add_argument(
+        "--eval-split",
+        default=None,
+        help="the split every method is scored on (default: test, else validation)",
+    )
     p.add_argument("--demos", type=int, default=1, help="demonstrations per class for in-context")
     p.add_argument("--limit", type=int, default=None, help="score on the first N rows only")
-    p.add_argument("--resume", action="store_true",
-                   help="skip methods whose record exists; continue interrupted trainings")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep methods already recorded or trained; continue interrupted ones",
+    )
 
 
 def _run_child(args: list[str], log: Path) -> tuple[int, float, str]:
@@ -66,9 +84,13 @@ def _run_child(args: list[str], log: Path) -> tuple[int, float, str]:
 
 
 def _artifact_bytes(out: Path) -> int:
-    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file()
-               and "checkpoints" not in p.relative_to(out).parts
-               and not p.name.startswith(("predictions", "train.log", "record")))
+    return sum(
+        p.stat().st_size
+        for p in out.rglob("*")
+        if p.is_file()
+        and "checkpoints" not in p.relative_to(out).parts
+        and not p.name.startswith(("predictions", "train.log", "record"))
+    )
 
 
 def _common(args) -> list[str]:
@@ -82,51 +104,86 @@ def _common(args) -> list[str]:
 
 def run_baseline(method: str, args, run_dir: Path) -> dict:
     metrics_file = run_dir / "metrics.json"
-    cli = ["eval", *_common(args), "--metrics", str(metrics_file),
-           "--demos", str(args.demos if method == "in-context" else 0)]
+    cli = [
+        "eval",
+        *_common(args),
+        "--metrics",
+        str(metrics_file),
+        "--demos",
+        str(args.demos if method == "in-context" else 0),
+    ]
     if args.eval_split:
         cli += ["--split", args.eval_split]
     code, rss, last = _run_child(cli, run_dir / "train.log")
     if code != 0:
         return {"status": "failed", "error": last}
     m = json.loads(metrics_file.read_text())
-    return {"status": "ok", "split": m["split"], "metrics": _headline_metrics(m),
-            "trainable_parameters": 0,
-            "peak_memory_mb": round(rss, 1), "train_seconds": 0.0,
-            "train_examples_per_second": 0.0, "eval_examples_per_second": _rate(m),
-            "artifact_bytes": 0, "task_switch_ms": 0.0, "history": []}
+    return {
+        "status": "ok",
+        "split": m["split"],
+        "metrics": _headline_metrics(m),
+        "trainable_parameters": 0,
+        "peak_memory_mb": round(rss, 1),
+        "train_seconds": 0.0,
+        "train_examples_per_second": 0.0,
+        "eval_examples_per_second": _rate(m),
+        "artifact_bytes": 0,
+        "task_switch_ms": 0.0,
+        "history": [],
+    }
 
 
 def run_trained(method: str, seed: int, args, run_dir: Path) -> dict:
-    cli = ["train", *_common(args), "--method", method, "--out", str(run_dir),
-           "--set", f"seed={seed}", *[x for kv in args.set for x in ("--set", kv)]]
+    cli = [
+        "train",
+        *_common(args),
+        "--method",
+        method,
+        "--out",
+        str(run_dir),
+        "--set",
+        f"seed={seed}",
+        *[x for kv in args.set for x in ("--set", kv)],
+    ]
     if args.eval_split:
         cli += ["--eval-split", args.eval_split]
-    if args.resume and (run_dir / "checkpoints" / "last.safetensors").is_file():
-        cli.append("--resume")
-    code, rss, last = _run_child(cli, run_dir / "train.log")
-    if code != 0:
-        return {"status": "failed", "error": last}
+    finished = (run_dir / "tunelab.json").is_file()  # the artifact is written last
+    if not (args.resume and finished):
+        if args.resume and (run_dir / "checkpoints" / "last.safetensors").is_file():
+            cli.append("--resume")
+        code, _, last = _run_child(cli, run_dir / "train.log")
+        if code != 0:
+            return {"status": "failed", "error": last}
     meta = json.loads((run_dir / "tunelab.json").read_text())
     s, tc = meta["metrics"], meta["train_config"]
     split = s["split"]
     switch = _measure_switch(run_dir)
     seen = s["steps"] * tc["batch_size"] * tc["grad_accum"]
-    return {"status": "ok", "split": split, "metrics": _headline_metrics(s[split]),
-            "trainable_parameters": s["trainable_parameters"],
-            "total_parameters": s["total_parameters"], "peak_memory_mb": s["peak_memory_mb"],
-            "train_seconds": s["train_seconds"],
-            "train_examples_per_second": round(seen / max(s["train_seconds"], 1e-9), 2),
-            "eval_examples_per_second": _rate(s[split]),
-            "artifact_bytes": _artifact_bytes(run_dir),
-            "task_switch_ms": switch.get("activate_ms"), "request_ms": switch.get("request_ms"),
-            "history": [{k: h[k] for k in ("step", "loss", "validation") if k in h}
-                        for h in meta["history"]]}
+    return {
+        "status": "ok",
+        "split": split,
+        "metrics": _headline_metrics(s[split]),
+        "trainable_parameters": s["trainable_parameters"],
+        "total_parameters": s["total_parameters"],
+        "peak_memory_mb": s["peak_memory_mb"],
+        "train_seconds": s["train_seconds"],
+        "train_examples_per_second": round(seen / max(s["train_seconds"], 1e-9), 2),
+        "eval_examples_per_second": _rate(s[split]),
+        "artifact_bytes": _artifact_bytes(run_dir),
+        "task_switch_ms": switch.get("activate_ms"),
+        "request_ms": switch.get("request_ms"),
+        "history": [
+            {k: h[k] for k in ("step", "loss", "validation") if k in h} for h in meta["history"]
+        ],
+    }
 
 
 def _measure_switch(run_dir: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "tunelab.compare.switch", str(run_dir)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunelab.compare.switch", str(run_dir)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         return {}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -146,8 +203,11 @@ def _machine() -> dict:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -191,32 +251,58 @@ def run(args: argparse.Namespace) -> None:
             record = run_baseline(method, args, run_dir)
         else:
             record = run_trained(method, seed, args, run_dir)
-        record = {"method": method, "seed": seed, "error": None, **record,
-                  "artifact": str(run_dir), "wall_seconds": round(time.perf_counter() - start, 1)}
-        print(f"[{i}/{len(jobs)}] {method} seed {seed}: {record['status']}"
-              + (f" ({record['error']})" if record["error"] else ""), file=sys.stderr)
+        record = {
+            "method": method,
+            "seed": seed,
+            "error": None,
+            **record,
+            "artifact": str(run_dir),
+            "wall_seconds": round(time.perf_counter() - start, 1),
+        }
+        print(
+            f"[{i}/{len(jobs)}] {method} seed {seed}: {record['status']}"
+            + (f" ({record['error']})" if record["error"] else ""),
+            file=sys.stderr,
+        )
         write_json(record, record_file)
         records.append(record)
 
     ok = [r for r in records if r["status"] == "ok"]
-    fingerprint = next((json.loads((Path(r["artifact"]) / "tunelab.json").read_text())
-                        ["base_model"]["fingerprint"] for r in ok
-                        if (Path(r["artifact"]) / "tunelab.json").is_file()), None)
+    fingerprint = next(
+        (
+            json.loads((Path(r["artifact"]) / "tunelab.json").read_text())["base_model"][
+                "fingerprint"
+            ]
+            for r in ok
+            if (Path(r["artifact"]) / "tunelab.json").is_file()
+        ),
+        None,
+    )
     total = next((r["total_parameters"] for r in ok if r.get("total_parameters")), None)
     for r in records:
         r.setdefault("total_parameters", total)
     results = {
-        "format": 1, "task": task.name,
+        "format": 1,
+        "task": task.name,
         "task_kind": "generation" if task.is_generation else "classification",
         "split": next((r["split"] for r in ok), args.eval_split),
         "metric": "exact_match" if task.is_generation else "accuracy",
-        "model": {"name": args.model or DEFAULT_MODEL, "fingerprint": fingerprint,
-                  "parameters": total},
-        "budget": {"steps": train_cfg.steps, "batch_size": train_cfg.batch_size,
-                   "grad_accum": train_cfg.grad_accum, "seeds": seeds, "settings": args.set},
-        "command": "tunelab compare " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["compare"]
-                                                   else sys.argv[1:]),
-        "machine": _machine(), "versions": versions(), "records": records,
+        "model": {
+            "name": args.model or DEFAULT_MODEL,
+            "fingerprint": fingerprint,
+            "parameters": total,
+        },
+        "budget": {
+            "steps": train_cfg.steps,
+            "batch_size": train_cfg.batch_size,
+            "grad_accum": train_cfg.grad_accum,
+            "seeds": seeds,
+            "settings": args.set,
+        },
+        "command": "tunelab " + shlex.join(args.argv),
+        "machine": _machine(),
+        "versions": versions(),
+        "records": records,
     }
     write_json(results, args.out / "results.json")
     md, html = write_reports(results, args.out)

@@ -39,8 +39,12 @@ def measure(artifact: Path, repeats: int = 5) -> dict:
         if task.is_generation:
             greedy_generate(tuned, examples, backbone.tokenizer, 8, task.generation.stop)
         else:
-            predict_logprobs(tuned, examples, Verbalizer.build(task, backbone.tokenizer),
-                             backbone.tokenizer.pad_token_id)
+            predict_logprobs(
+                tuned,
+                examples,
+                Verbalizer.build(task, backbone.tokenizer),
+                backbone.tokenizer.pad_token_id,
+            )
         request_ms.append((time.perf_counter() - start) * 1000)
     return {"activate_ms": round(activate_ms, 3), "request_ms": round(min(request_ms), 3)}
 

@@ -1,0 +1,325 @@
+"""Reports for `tunelab compare`: results.json aggregated per method, written as Markdown and as a
+self-contained HTML page with inline SVG plots (standard library only)."""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import re
+import statistics
+import tempfile
+from itertools import groupby
+from pathlib import Path
+
+from tunelab.compare.svg import si, svg_plot
+
+FIELDS = (
+    "trainable_parameters", "peak_memory_mb", "train_seconds", "train_examples_per_second",
+    "eval_examples_per_second", "artifact_bytes", "task_switch_ms",
+)  # fmt: skip
+SECONDARY = {"macro_f1": "Macro-F1", "token_f1": "Token F1"}
+UNTRAINED = ("zero-shot", "in-context")
+SHARED = "one frozen backbone serves many tasks, per-row prompts in one batch"
+# method: (what training changes, how it is deployed)
+PHRASES = {
+    "zero-shot": ("nothing trained", "the stock model serves every task"),
+    "in-context": ("nothing trained", "the stock model; demonstrations ride in every request"),
+    "prompt-tuning": ("input embeddings only, model frozen", SHARED),
+    "prefix": ("per-layer key/value prefix, model frozen", SHARED),
+    "lora": ("low-rank updates beside frozen weights", "one backbone, per-row adapters"),
+    "freeze": ("top blocks only", "shared lower blocks, a copy of the top blocks per task"),
+    "head": ("new output layer", "one backbone, a small head per task"),
+    "full": ("every weight", "a model copy per task"),
+    "hybrid": ("LoRA core + soft prompt", "one backbone, per-row adapters and prompts"),
+}
+COST = (  # winners key, what the winner does, row field, number format
+    ("parameters", "trains the fewest parameters", "trainable_parameters", "int"),
+    ("memory", "needs the least peak memory", "peak_memory_mb", "MB"),
+    ("artifact", "saves the smallest artifact", "artifact_bytes", "bytes"),
+    ("task_switch", "switches tasks fastest", "task_switch_ms", "ms"),
+)
+FORMATS = {"int": "{:,.0f}", "MB": "{:,.1f} MB", "s": "{:,.1f} s", "rate": "{:,.1f}"}
+SIZES = (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1))
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+GREYS = ("#555555", "#999999")
+NOTE = (
+    "Scores are means over the seeds that finished; ± is the sample standard deviation (2+ "
+    "seeds). Peak memory is the process peak on CPU, peak allocated on GPU."
+)
+CSS = """body{font:14px/1.45 system-ui,sans-serif;color:#222;max-width:1160px;margin:24px auto;
+padding:0 16px}h1{font-size:22px}h2{font-size:17px;margin-top:28px}.scroll{overflow-x:auto}
+table{border-collapse:collapse;font-size:12px}code{background:#f3f3f3;padding:1px 4px}
+th,td{border:1px solid #ccc;padding:4px 6px;vertical-align:top;text-align:left}
+td.n{white-space:nowrap}td.t{min-width:130px}
+thead tr:first-child th{background:#e8eef6;text-align:center}thead th{background:#f3f5f8}
+tbody tr:nth-child(even){background:#fafafa}.plots{display:flex;flex-wrap:wrap;gap:12px}
+svg.plot{border:1px solid #ddd;font-size:11px;fill:#222}svg .g{stroke:#eee}svg .at{font-size:12px}
+svg .ax{stroke:#444;fill:none}svg .pt{font-size:13px;font-weight:600}"""
+
+
+def _stats(values) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None below two values) of the finite numbers."""
+    vals = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    vals = [v for v in vals if math.isfinite(v)]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None
+
+
+def _curve(records: list[dict]) -> list[tuple[float, float]]:
+    """(step, validation) averaged over seeds at each step that has a validation value."""
+    by_step: dict[float, list[float]] = {}
+    for rec in records:
+        for h in rec.get("history") or []:
+            if isinstance(h.get("validation"), int | float) and "step" in h:
+                by_step.setdefault(h["step"], []).append(h["validation"])
+    return sorted((step, statistics.fmean(v)) for step, v in by_step.items())
+
+
+def summarise(results: dict) -> list[dict]:
+    """One row per method, in first-appearance order: mean and `<field>_std` of the headline
+    metric ("metric") and each numeric field over ok seeds, "metrics" {name: (mean, std)},
+    "seeds" (ok count), "trainable_percent", "failed" (errors) and "curve" (validation)."""
+    by_method: dict[str, list[dict]] = {}
+    for rec in results.get("records") or []:
+        by_method.setdefault(rec.get("method", "?"), []).append(rec)
+    headline = results.get("metric", "accuracy")
+    model_params = (results.get("model") or {}).get("parameters")
+    rows = []
+    for method, recs in by_method.items():
+        ok = [r for r in recs if r.get("status") == "ok"]
+        failed = [r.get("error") or "unknown error" for r in recs if r.get("status") != "ok"]
+        row: dict = {"method": method, "seeds": len(ok), "failed": failed, "curve": _curve(ok)}
+        names = dict.fromkeys([headline, *(k for r in ok for k in r.get("metrics") or {})])
+        names.pop("n", None)
+        row["metrics"] = {k: _stats((r.get("metrics") or {}).get(k) for r in ok) for k in names}
+        row["metric"], row["metric_std"] = row["metrics"][headline]
+        for field in (*FIELDS, "total_parameters"):
+            row[field], row[field + "_std"] = _stats(r.get(field) for r in ok)
+        total, trained = row["total_parameters"] or model_params, row["trainable_parameters"]
+        row["trainable_percent"] = 100 * trained / total if trained is not None and total else None
+        rows.append(row)
+    return rows
+
+
+def winners(rows: list[dict]) -> dict:
+    """The best method per criterion ("metric", "parameters", "memory", "task_switch",
+    "artifact"; costs among trained methods only), None where none qualifies; ties: the first."""
+    ok = [r for r in rows if r["seeds"]]
+    trained = [r for r in ok if (r["trainable_parameters"] or 0) > 0]
+
+    def pick(cands: list[dict], key: str, best=min) -> str | None:
+        cands = [r for r in cands if r[key] is not None]
+        return best(cands, key=lambda r: r[key])["method"] if cands else None
+
+    # costs are compared among methods that adapt the model: an untrained baseline always
+    # "wins" them and says nothing about which method to choose
+    return {
+        "metric": pick(ok, "metric", max),
+        "parameters": pick(trained, "trainable_parameters"),
+        "memory": pick(trained, "peak_memory_mb"),
+        "task_switch": pick(trained, "task_switch_ms"),
+        "artifact": pick(trained, "artifact_bytes"),
+    }
+
+
+def _fmt(x, kind: str = "int", std=None) -> str:
+    """A number for humans: int 1,234,567 | pct 0.68 % | MB 12.3 MB | s 4.5 s | rate 6.6 |
+    ms 0.31 ms | bytes 3.7 MB (0: none) | si 100K | score 0.8123 ± 0.0100; None is a dash."""
+    if x is None:
+        return "—"
+    if kind == "pct":
+        return f"{x:.1f} %" if x >= 1 or x == 0 else f"{x:.2g} %"
+    if kind == "ms":
+        return f"{x:,.2f} ms" if x >= 0.01 or x == 0 else f"{x:.1g} ms"
+    if kind == "bytes":
+        unit, size = next((u, s) for u, s in SIZES if x >= s or s == 1)
+        return "none" if x <= 0 else f"{x / size:,.{0 if size == 1 else 1}f} {unit}"
+    if kind == "si":
+        return si(x)
+    if kind == "score":
+        return f"{x:.4f}" + ("" if std is None else f" ± {std:.4f}")
+    return FORMATS[kind].format(x)
+
+
+def _metric_label(results: dict) -> str:
+    return results.get("metric", "accuracy").replace("_", " ").capitalize()
+
+
+def _title(results: dict) -> str:
+    model = (results.get("model") or {}).get("name", "?")
+    return f"{results.get('task', '?')} on {model} ({results.get('split', '?')} split)"
+
+
+def _opening(results: dict, rows: list[dict]) -> str:
+    """The verdict paragraph, in Markdown with **bold** method names."""
+    w, by = winners(rows), {r["method"]: r for r in rows}
+    if w["metric"] is None:
+        return "No method finished, so there is no winner to report."
+    score = _fmt(by[w["metric"]]["metric"], "score")
+    text = f"**{w['metric']}** scored the best {_metric_label(results).lower()} ({score})."
+    cost = [f"**{w[k]}** {says} ({_fmt(by[w[k]][f], kind)})" for k, says, f, kind in COST if w[k]]
+    if cost:
+        text += " On cost, " + ", ".join(cost[:-1]) + (" and " if cost[1:] else "") + cost[-1] + "."
+    return text
+
+
+def _columns(results: dict, rows: list[dict]) -> list[tuple]:
+    """(group, header, cell function) for the comparison table."""
+    extra = [k for k in SECONDARY if any(r["metrics"].get(k, (None,))[0] is not None for r in rows)]
+
+    def score(key):
+        def cell(r):
+            mean, std = r["metrics"].get(key, (None, None))
+            return _fmt(mean, "score", std) if r["seeds"] else "failed"
+
+        return cell
+
+    def params(r):
+        n = r["trainable_parameters"]
+        return _fmt(n) if not n else f"{_fmt(n)} ({_fmt(r['trainable_percent'], 'pct')})"
+
+    return [
+        ("", "Method", lambda r: r["method"]),
+        ("", "Seeds", lambda r: str(r["seeds"])),
+        ("Resources", "Trainable parameters", params),
+        ("Resources", "Peak memory", lambda r: _fmt(r["peak_memory_mb"], "MB")),
+        ("Resources", "Training time", lambda r: _fmt(r["train_seconds"] or None, "s")),
+        ("Resources", "Train ex/s", lambda r: _fmt(r["train_examples_per_second"] or None, "rate")),
+        ("Architecture impact", "What changes", lambda r: PHRASES.get(r["method"], ("—", "—"))[0]),
+        ("Task adaptation", "Artifact", lambda r: _fmt(r["artifact_bytes"], "bytes")),
+        ("Task adaptation", "Task switch", lambda r: _fmt(r["task_switch_ms"], "ms")),
+        ("Accuracy", _metric_label(results), score(results.get("metric", "accuracy"))),
+        *[("Accuracy", SECONDARY[k], score(k)) for k in extra],
+        ("Deployment", "Serving", lambda r: PHRASES.get(r["method"], ("—", "—"))[1]),
+    ]
+
+
+def _failures(results: dict) -> list[str]:
+    return [
+        f"**{r.get('method', '?')}** (seed {r.get('seed', '?')}): {r.get('error') or 'no error'}"
+        for r in results.get("records") or []
+        if r.get("status") != "ok"
+    ]
+
+
+def _details(results: dict) -> list[tuple[str, str]]:
+    """(label, Markdown text) lines about the model, budget, machine, versions and command."""
+    model, mach = results.get("model") or {}, results.get("machine") or {}
+
+    def join(d: dict) -> str:
+        vals = {k: ", ".join(map(str, v)) if isinstance(v, list) else v for k, v in d.items()}
+        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in vals.items()) or "—"
+
+    return [
+        ("Model", f"{model.get('name', '?')} ({_fmt(model.get('parameters'))} parameters, "
+                  f"fingerprint {model.get('fingerprint', '?')})"),
+        ("Budget", join(results.get("budget") or {})),
+        ("Machine", f"{mach.get('cpu', '?')}, {mach.get('cores', '?')} cores, "
+                    f"{mach.get('memory_gb', '?')} GB memory, GPU: {mach.get('gpu') or 'none'}"),
+        ("Versions", join(results.get("versions") or {})),
+        ("Command", f"`{results.get('command', '?')}`"),
+    ]  # fmt: skip
+
+
+def render_markdown(results: dict) -> str:
+    """The report as Markdown: verdict, comparison table, failures and run details."""
+    rows = summarise(results)
+    cols = _columns(results, rows)
+
+    def line(cells) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    out = [f"# {_title(results)}", "", _opening(results, rows), "", "## Comparison", ""]
+    out.append(line(f"{g}: {h}" if g else h for g, h, _ in cols))
+    out.append("|" + "---|" * len(cols))
+    out += [line(f(r) for *_, f in cols) for r in rows] + ["", NOTE]
+    if failed := _failures(results):
+        out += ["", "## Failed", "", *(f"- {f}" for f in failed)]
+    out += ["", "## Run", "", *(f"- {k}: {v}" for k, v in _details(results))]
+    return "\n".join(out) + "\n"
+
+
+def _plots(results: dict, rows: list[dict]) -> list[str]:
+    """The three plots: metric against trainable parameters and memory, validation curves."""
+    ok = [r for r in rows if r["seeds"]]
+    base = {r["method"] for r in rows if not (r["trainable_parameters"] or 0) > 0}
+    base -= {r["method"] for r in rows if not r["seeds"] and r["method"] not in UNTRAINED}
+    grey, pal = iter(GREYS * 9), iter(PALETTE * 9)
+    colour = {r["method"]: next(grey if r["method"] in base else pal) for r in rows}
+    scored, label = [r for r in ok if r["metric"] is not None], _metric_label(results)
+
+    def point(r, x):
+        return r["method"], colour[r["method"]], [(x, r["metric"])], False
+
+    params = [
+        point(r, math.log10(r["trainable_parameters"])) for r in scored if r["method"] not in base
+    ]
+    refs = [(r["method"], colour[r["method"]], r["metric"]) for r in scored if r["method"] in base]
+    memory = [point(r, r["peak_memory_mb"]) for r in scored if r["peak_memory_mb"] is not None]
+    curves = [(r["method"], colour[r["method"]], r["curve"], True) for r in ok if r["curve"]]
+    return [
+        svg_plot("plot-params", f"{label} against trainable parameters",
+             "Trainable parameters (log scale)", label, params, refs, xlog=True),
+        svg_plot("plot-memory", f"{label} against peak memory", "Peak memory (MB)", label, memory),
+        svg_plot("plot-curves", "Validation during training", "Training step",
+             f"Validation {label.lower()}", curves),
+    ]  # fmt: skip
+
+
+def _inline(md: str) -> str:
+    """Escaped HTML for a line of Markdown with **bold** and `code`."""
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(md, quote=False))
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def _html_table(results: dict, rows: list[dict]) -> str:
+    """The comparison table with a header row of column groups; numbers kept on one line."""
+    cols, e = _columns(results, rows), html.escape
+    groups = [(g, len(list(c))) for g, c in groupby(cols, key=lambda c: c[0])]
+    head = "".join(f'<th colspan="{n}">{e(g)}</th>' for g, n in groups)
+    head += "</tr><tr>" + "".join(f"<th>{e(h)}</th>" for _, h, _ in cols)
+    kinds = ["t" if g in ("Architecture impact", "Deployment") else "w" if g == "Accuracy" else "n"
+             for g, *_ in cols]  # fmt: skip
+    cells = ["".join(f'<td class="{k}">{e(f(r))}</td>' for k, (*_, f) in zip(kinds, cols))
+             for r in rows]  # fmt: skip
+    body = "".join(f"<tr>{c}</tr>" for c in cells)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(results: dict) -> str:
+    """The Markdown report's content as one self-contained page, plus three SVG plots."""
+    rows, e = summarise(results), html.escape
+    parts = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{e(_title(results))}</title><style>{CSS}</style></head><body>",
+        f"<h1>{e(_title(results))}</h1><p>{_inline(_opening(results, rows))}</p>",
+        f'<h2>Comparison</h2><div class="scroll">{_html_table(results, rows)}</div>',
+        f"<p>{e(NOTE)}</p>",
+        '<h2>Plots</h2><div class="plots">' + "".join(_plots(results, rows)) + "</div>",
+    ]
+    if failed := _failures(results):
+        parts.append("<h2>Failed</h2><ul>" + "".join(f"<li>{_inline(f)}</li>" for f in failed))
+        parts.append("</ul>")
+    details = "".join(f"<li>{e(k)}: {_inline(v)}</li>" for k, v in _details(results))
+    parts.append(f"<h2>Run</h2><ul>{details}</ul></body></html>\n")
+    return "\n".join(parts)
+
+
+def write_reports(results: dict, out_dir: Path) -> tuple[Path, Path]:
+    """Write report.md and report.html into `out_dir`, each through a temporary file in the same
+    folder renamed into place; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / "report.md", out_dir / "report.html"
+    for path, text in zip(paths, (render_markdown(results), render_html(results))):
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return paths
