@@ -138,3 +138,17 @@ def test_memory_estimate_matches_measured_peaks(tmp_path):
         length = 20 + 22 if method == "prompt-tuning" else 22  # soft prompt + ~22 text tokens
         estimate = sum(training_memory(shape, method, 8, length).values()) / GB * 1024
         assert 0.7 < estimate / measured < 1.4, (method, estimate, measured)
+
+
+def test_a_run_with_unreadable_results_is_recorded_as_failed(tiny_task, tmp_path, capsys):
+    run_dir = tmp_path / "cmp" / "lora-seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "tunelab.json").write_text("{truncated")  # as a crash mid-write never leaves it
+    code = main(
+        f"compare --task {tiny_task} --out {tmp_path / 'cmp'} --methods lora --seeds 1 "
+        "--resume".split()
+    )
+    assert code == 0
+    (record,) = json.loads((tmp_path / "cmp" / "results.json").read_text())["records"]
+    assert record["status"] == "failed" and "unreadable results" in record["error"]
+    assert (tmp_path / "cmp" / "report.html").stat().st_mode & 0o777 == 0o644

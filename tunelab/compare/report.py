@@ -318,6 +318,7 @@ def write_reports(results: dict, out_dir: Path) -> tuple[Path, Path]:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for sharing
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

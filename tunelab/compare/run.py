@@ -128,7 +128,7 @@ def run_baseline(method: str, args, run_dir: Path) -> dict:
         "train_examples_per_second": 0.0,
         "eval_examples_per_second": _rate(m),
         "artifact_bytes": 0,
-        "task_switch_ms": 0.0,
+        "task_switch_ms": None,  # nothing to switch
         "history": [],
     }
 
@@ -156,7 +156,7 @@ def run_trained(method: str, seed: int, args, run_dir: Path) -> dict:
             return {"status": "failed", "error": last}
     meta = json.loads((run_dir / "tunelab.json").read_text())
     s, tc = meta["metrics"], meta["train_config"]
-    split = s["split"]
+    split = s.get("split") or args.eval_split or "test"  # runs from before 0.1 lack it
     switch = _measure_switch(run_dir)
     seen = s["steps"] * tc["batch_size"] * tc["grad_accum"]
     return {
@@ -247,10 +247,13 @@ def run(args: argparse.Namespace) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"[{i}/{len(jobs)}] {method} seed {seed}", file=sys.stderr)
         start = time.perf_counter()
-        if method in BASELINES:
-            record = run_baseline(method, args, run_dir)
-        else:
-            record = run_trained(method, seed, args, run_dir)
+        try:
+            if method in BASELINES:
+                record = run_baseline(method, args, run_dir)
+            else:
+                record = run_trained(method, seed, args, run_dir)
+        except (OSError, KeyError, ValueError) as e:  # a run that left unreadable results
+            record = {"status": "failed", "error": f"{run_dir}: unreadable results: {e!r}"}
         record = {
             "method": method,
             "seed": seed,
@@ -278,9 +281,18 @@ def run(args: argparse.Namespace) -> None:
         ),
         None,
     )
-    total = next((r["total_parameters"] for r in ok if r.get("total_parameters")), None)
+    # the backbone alone: methods that add parameters count them in their total
+    base = next(
+        (
+            r["total_parameters"]
+            - (0 if r["method"] in ("full", "freeze") else r["trainable_parameters"])
+            for r in ok
+            if r.get("total_parameters")
+        ),
+        None,
+    )
     for r in records:
-        r.setdefault("total_parameters", total)
+        r.setdefault("total_parameters", base)  # the baselines run the backbone as it is
     results = {
         "format": 1,
         "task": task.name,
@@ -290,7 +302,7 @@ def run(args: argparse.Namespace) -> None:
         "model": {
             "name": args.model or DEFAULT_MODEL,
             "fingerprint": fingerprint,
-            "parameters": total,
+            "parameters": base,
         },
         "budget": {
             "steps": train_cfg.steps,
