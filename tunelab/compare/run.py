@@ -318,4 +318,23 @@ def run(args: argparse.Namespace) -> None:
     }
     write_json(results, args.out / "results.json")
     md, html = write_reports(results, args.out)
+    print(summary_table(results))
     print(f"results: {args.out / 'results.json'}\nreport: {md}\nreport: {html}")
+
+
+def summary_table(results: dict) -> str:
+    """A few columns of the report, for the terminal."""
+    from tunelab.compare.report import summarise
+
+    name = results["metric"].replace("_", " ")
+    lines = [f"{'method':<15}{name:>12}{'trainable':>14}{'peak MB':>10}{'train s':>9}"]
+    for r in summarise(results):
+        if not r["seeds"]:
+            lines.append(f"{r['method']:<15}  failed: {r['failed'][0]}")
+            continue
+        spread = f"±{r['metric_std']:.3f}" if r["metric_std"] is not None else ""
+        lines.append(
+            f"{r['method']:<15}{r['metric']:>12.4f}{r['trainable_parameters']:>14,.0f}"
+            f"{r['peak_memory_mb']:>10,.0f}{r['train_seconds'] or 0:>9.0f} {spread}"
+        )
+    return "\n".join(lines)
