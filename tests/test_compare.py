@@ -19,7 +19,7 @@ def test_compare_runs_every_method_in_its_own_process(tiny_model_dir, tiny_task,
         f"compare --task {tiny_task} --model {tiny_model_dir} --out {out} "
         "--methods zero-shot,in-context,prompt-tuning,lora,head --seeds 1,2 "
         "--set steps=3 --set batch_size=4 --set eval_every=3 "
-        "--set gradient_checkpointing=true"
+        "--set gradient_checkpointing=true --set r=4"
     ).split()
     assert main(args) == 0
     printed = capsys.readouterr()
@@ -48,6 +48,9 @@ def test_compare_runs_every_method_in_its_own_process(tiny_model_dir, tiny_task,
         assert r["peak_memory_mb"] > 50 and r["eval_examples_per_second"] > 0
     assert pt["task_switch_ms"] > 0 and pt["train_examples_per_second"] > 0
     assert pt["history"] and pt["history"][-1]["step"] == 3
+    # a method's own setting reaches that method only (prompt tuning has no `r`)
+    lora_meta = json.loads((out / "lora-seed1" / "tunelab.json").read_text())
+    assert lora_meta["method_config"]["r"] == 4
     # the two seeds really differ (the seed reaches the child)
     assert by[("prompt-tuning", 2)]["history"][0]["loss"] != pt["history"][0]["loss"]
     assert results["model"]["fingerprint"] and results["versions"]["torch"]

@@ -83,13 +83,25 @@ def _run_child(args: list[str], log: Path) -> tuple[int, float, str]:
     return proc.returncode, usage.ru_maxrss / 1024, lines[-1] if lines else ""
 
 
+def _settings_for(method: str, pairs: list[str]) -> list[str]:
+    """The --set pairs that apply to this method: training settings and its own."""
+    from dataclasses import fields
+
+    from tunelab.train.config import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)} | {
+        f.name for f in fields(methods.CONFIGS[method])
+    }
+    return [kv for kv in pairs if kv.partition("=")[0] in known]
+
+
 def _artifact_bytes(out: Path) -> int:
     return sum(
         p.stat().st_size
         for p in out.rglob("*")
         if p.is_file()
         and "checkpoints" not in p.relative_to(out).parts
-        and not p.name.startswith(("predictions", "train.log", "record"))
+        and not p.name.startswith(("predictions", "run.log", "record", "metrics.json"))
     )
 
 
@@ -114,7 +126,7 @@ def run_baseline(method: str, args, run_dir: Path) -> dict:
     ]
     if args.eval_split:
         cli += ["--split", args.eval_split]
-    code, rss, last = _run_child(cli, run_dir / "train.log")
+    code, rss, last = _run_child(cli, run_dir / "run.log")
     if code != 0:
         return {"status": "failed", "error": last}
     m = json.loads(metrics_file.read_text())
@@ -143,7 +155,7 @@ def run_trained(method: str, seed: int, args, run_dir: Path) -> dict:
         str(run_dir),
         "--set",
         f"seed={seed}",
-        *[x for kv in args.set for x in ("--set", kv)],
+        *[x for kv in _settings_for(method, args.set) for x in ("--set", kv)],
     ]
     if args.eval_split:
         cli += ["--eval-split", args.eval_split]
@@ -151,7 +163,7 @@ def run_trained(method: str, seed: int, args, run_dir: Path) -> dict:
     if not (args.resume and finished):
         if args.resume and (run_dir / "checkpoints" / "last.safetensors").is_file():
             cli.append("--resume")
-        code, _, last = _run_child(cli, run_dir / "train.log")
+        code, _, last = _run_child(cli, run_dir / "run.log")
         if code != 0:
             return {"status": "failed", "error": last}
     meta = json.loads((run_dir / "tunelab.json").read_text())
@@ -233,7 +245,10 @@ def run(args: argparse.Namespace) -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise TunelabError(f"--seeds {args.seeds}: expected integers, e.g. 1,2,3") from None
-    (train_cfg,) = apply_overrides(args.set, TrainConfig())  # reject bad settings up front
+    # reject unknown keys and bad values up front; each method gets the keys it understands
+    train_cfg, *_ = apply_overrides(
+        args.set, TrainConfig(), *(c() for c in methods.CONFIGS.values())
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(m, s) for m in names for s in ([seeds[0]] if m in BASELINES else seeds)]
     records = []
