@@ -328,3 +328,8 @@ def test_bf16_autocast_trains_and_agrees_with_float32(tiny_model_dir, tiny_task,
         pad,
     )
     assert res.step == 6 and all(torch.isfinite(v).all() for v in tuned.trainable_state().values())
+    # the frozen backbone is stored in bfloat16; what trains keeps its float32 master copy
+    assert {p.dtype for p in tuned.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {v.dtype for v in tuned.trainable_state().values()} == {torch.float32}
+    after = predict_logprobs(tuned, examples, prep.verbalizer, pad, bf16=True)
+    assert torch.isfinite(after).all() and not torch.allclose(after, bf16)

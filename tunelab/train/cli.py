@@ -16,8 +16,9 @@ from tunelab.methods.base import TunedLM
 from tunelab.models import load_backbone
 from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
+from tunelab.train import distributed
 from tunelab.train.config import TrainConfig, apply_overrides
-from tunelab.train.loop import resolve_device, train
+from tunelab.train.loop import train
 
 
 def settings_help() -> str:
@@ -103,7 +104,10 @@ def peak_memory_mb(device) -> float:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Train a method on a task; evaluate the best checkpoint; write the artifact to --out."""
+    """Train a method on a task; evaluate the best checkpoint; write the artifact to --out.
+
+    Under `torchrun --nproc_per_node=N` (or `accelerate launch`) the same command trains with
+    DistributedDataParallel; rank 0 evaluates and writes the artifact."""
     task = load_task(args.task)
     method = methods.get(args.method)
     train_cfg, method_cfg = apply_overrides(args.set, TrainConfig(), methods.CONFIGS[args.method]())
@@ -113,8 +117,10 @@ def run(args: argparse.Namespace) -> None:
             f"{args.out}: holds a checkpoint of an earlier run; pass --resume to "
             "continue it, or choose another --out"
         )
+    world, device = distributed.init(train_cfg.device)
+    say = print if world.main else lambda *a, **k: None
     backbone = load_backbone(args.model)
-    backbone.model.to(resolve_device(train_cfg.device))
+    backbone.model.to(device)
     prep = PreparedTask.load(task, backbone.tokenizer, train_cfg.max_length)
     report = prep.eval_split(args.eval_split)
     prep.limit(report, args.limit)
@@ -122,7 +128,7 @@ def run(args: argparse.Namespace) -> None:
     train_ex = prep.examples("train")
     val_ex = prep.examples(val_name) if val_name in prep.splits else []
     kind = "generation" if task.is_generation else "labels " + ", ".join(prep.verbalizer.labels)
-    print(
+    say(
         f"task {task.name}: {len(train_ex)} train, {len(val_ex)} validation, "
         f"{len(prep.split(report))} {report}; {kind}"
     )
@@ -133,14 +139,14 @@ def run(args: argparse.Namespace) -> None:
     )
 
     baseline = None
-    if args.baseline:
+    if args.baseline and world.main:
         baseline, _ = evaluate_split(TunedLM(backbone.model), prep, report, **evaluate)
         print("zero-shot {} {}: {:.4f}".format(report, *headline(baseline)))
 
     tuned = method.build(backbone, method_cfg, prep.verbalizer, train_cfg.seed)
     n_train = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in tuned.parameters())
-    print(
+    say(
         f"{args.method}: {n_train:,} trainable of {n_total:,} parameters "
         f"({100 * n_train / n_total:.4f}%)"
     )
@@ -169,6 +175,9 @@ def run(args: argparse.Namespace) -> None:
         validate=validate,
     )
     seconds = time.perf_counter() - start
+    if not world.main:  # rank 0 holds the same weights and writes the one artifact
+        distributed.finish()
+        return
     metrics, _ = evaluate_split(tuned, prep, report, **evaluate)
     summary = {
         "split": report,
@@ -179,7 +188,8 @@ def run(args: argparse.Namespace) -> None:
         "train_seconds": round(seconds, 1),
         "trainable_parameters": n_train,
         "total_parameters": n_total,
-        "peak_memory_mb": peak_memory_mb(resolve_device(train_cfg.device)),
+        "peak_memory_mb": peak_memory_mb(device),
+        "world_size": world.size,
     }
     if baseline is not None:
         summary[f"zero_shot_{report}"] = baseline
@@ -212,3 +222,4 @@ def run(args: argparse.Namespace) -> None:
     else:
         print(f"{report} {name}: {value:.4f}")
     print(f"artifact: {args.out}")
+    distributed.finish()

@@ -16,6 +16,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 class TrainConfig:
     steps: int = 200  # optimizer steps
     batch_size: int = 8
+    group_by_length: bool = True  # batches of rows of similar length: less padding
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float | None = None  # None: the method's default
     weight_decay: float | None = None  # None: the method's default
@@ -23,7 +24,7 @@ class TrainConfig:
     warmup: float = 0.06  # a fraction of steps (< 1) or a number of steps
     schedule: str = "linear"  # decay after warmup: linear | cosine | constant
     max_grad_norm: float = 1.0
-    bf16: bool = False  # bfloat16 autocast (CPU with avx512_bf16, or CUDA)
+    bf16: bool = False  # bfloat16 autocast (CPU with avx512_bf16, or CUDA); frozen weights in bf16
     eval_every: int = 50  # steps between validation runs
     patience: int = 0  # validation runs without improvement before stopping; 0 = never stop early
     save_every: int = 50  # steps between checkpoints

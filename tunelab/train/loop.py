@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.predict import autocast, predict_logprobs
-from tunelab.models.scoring import label_logprobs, make_batch, target_nll
+from tunelab.models.scoring import label_logprobs, make_batch, target_logprobs
+from tunelab.train import distributed
 from tunelab.train.checkpoint import atomic_save, load, load_training_state, save_training_state
 from tunelab.train.config import TrainConfig
 
@@ -38,14 +41,54 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return 1.0 - done if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * done))
 
 
-def micro_batch(n: int, cfg: TrainConfig, m: int) -> list[int]:
-    """Row indices of the m-th micro-batch: epochs of seeded permutations, so that a resumed
-    run sees exactly the batches an uninterrupted one would."""
-    per_epoch = math.ceil(n / cfg.batch_size)
-    epoch, i = divmod(m, per_epoch)
+def epoch_batches(lengths: list[int], cfg: TrainConfig, epoch: int) -> list[list[int]]:
+    """The micro-batches (row indices) of one epoch, from a seeded permutation, so that a resumed
+    run sees exactly the batches an uninterrupted one would.
+
+    With `group_by_length`, rows are sorted by length within windows of 50 batches and the
+    batches shuffled again: rows of one batch have similar lengths, so little compute goes to
+    padding, while every batch still comes from a random part of the data."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    return perm[i * cfg.batch_size : (i + 1) * cfg.batch_size].tolist()
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    B = cfg.batch_size
+    if not cfg.group_by_length:
+        return [perm[i : i + B] for i in range(0, len(perm), B)]
+    window = 50 * B
+    batches = []
+    for w in range(0, len(perm), window):
+        rows = sorted(perm[w : w + window], key=lambda i: -lengths[i])
+        batches += [rows[i : i + B] for i in range(0, len(rows), B)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in order]
+
+
+def micro_batch(lengths: list[int], cfg: TrainConfig, m: int, _cache: dict | None = None):
+    """Row indices of the m-th micro-batch of the whole run (epochs follow one another)."""
+    per_epoch = math.ceil(len(lengths) / cfg.batch_size)
+    epoch, i = divmod(m, per_epoch)
+    cache = _cache if _cache is not None else {}
+    if epoch not in cache:
+        cache.clear()
+        cache[epoch] = epoch_batches(lengths, cfg, epoch)
+    return cache[epoch][i]
+
+
+class Objective(nn.Module):
+    """The training loss as a module's forward, so that DistributedDataParallel can wrap it.
+
+    Returns the batch's summed loss times `scale`: 1 / (rows in the global batch) for labels,
+    1 / (target tokens in the global batch) for generation, so one process gets the mean."""
+
+    def __init__(self, tuned, verbalizer):
+        super().__init__()
+        self.tuned = tuned
+        self.verbalizer = verbalizer
+
+    def forward(self, batch: dict, scale: float) -> torch.Tensor:
+        if self.verbalizer is None:  # generation: negative log-likelihood of the target tokens
+            return -target_logprobs(self.tuned, batch).sum() * scale
+        logp = label_logprobs(self.tuned, batch, self.verbalizer)  # (B, C)
+        return F.nll_loss(logp.float(), batch["labels"], reduction="sum") * scale
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,8 +125,14 @@ def train(
     the loss is the target tokens' mean negative log-likelihood. `validate(tuned) -> score`
     replaces the default validation (label accuracy on `val_ex`).
     """
-    device = resolve_device(cfg.device)
+    world, device = distributed.init(cfg.device)
     tuned.to(device)
+    if cfg.bf16:
+        # a frozen weight needs no float32 master copy: in bfloat16 it takes half the memory,
+        # and autocast no longer makes (and keeps for backward) a bf16 copy of it every step
+        for p in tuned.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     params = [p for p in tuned.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(tuned.param_groups(lr, weight_decay))
     ckpt_dir = out_dir / "checkpoints"
@@ -92,10 +141,14 @@ def train(
     if resume and last_path.is_file():
         meta = load_training_state(last_path, tuned, opt)
         res = TrainResult(**{k: v for k, v in meta["result"].items()})
-        print(f"resumed from {last_path} at step {res.step}")
+        if world.main:
+            print(f"resumed from {last_path} at step {res.step}")
+    objective = distributed.wrap(Objective(tuned, verbalizer), world, device)
 
     def save_last() -> None:
-        save_training_state(last_path, tuned, opt, {"result": asdict(res), "config": asdict(cfg)})
+        if world.main:  # one writer; every rank holds the same weights
+            meta = {"result": asdict(res), "config": asdict(cfg)}
+            save_training_state(last_path, tuned, opt, meta)
 
     bar = tqdm(
         total=cfg.steps,
@@ -104,9 +157,12 @@ def train(
         unit="step",
         dynamic_ncols=True,
         mininterval=1.0,
+        disable=not world.main,
     )
     tuned.train()
     ema = None
+    lengths = [len(ex.ids) + len(ex.target or ()) for ex in train_ex]
+    batches: dict[int, list[list[int]]] = {}  # this epoch's micro-batches
     while res.step < cfg.steps and not res.stopped_early:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(cfg, res.step)
@@ -114,20 +170,34 @@ def train(
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            idx = micro_batch(len(train_ex), cfg, res.step * cfg.grad_accum + micro)
+            rows = micro_batch(lengths, cfg, res.step * cfg.grad_accum + micro, batches)
+            idx = distributed.shard(rows, world)
+            # a rank left without rows still runs one, weighted 0: DDP needs every rank's backward
+            weight = 1.0 if idx else 0.0
             batch = make_batch(
-                tuned, [train_ex[i] for i in idx], verbalizer, pad_id, cfg.padding_side, device
+                tuned,
+                [train_ex[i] for i in idx or rows[:1]],
+                verbalizer,
+                pad_id,
+                cfg.padding_side,
+                device,
             )
-            with autocast(device, cfg.bf16):
-                if verbalizer is None:
-                    loss = target_nll(tuned, batch)
-                else:
-                    logp = label_logprobs(tuned, batch, verbalizer)  # (B, C)
-                    loss = F.nll_loss(logp.float(), batch["labels"])
-            # divided by the accumulation steps so the summed gradient is the big batch's mean
-            loss = loss / cfg.grad_accum
-            loss.backward()
-            total += loss.item()
+            if verbalizer is None:  # the mean is over the global batch's target tokens
+                denom = distributed.all_sum(
+                    weight * batch["target_mask"].sum().item(), device, world
+                )
+            else:
+                denom = len(rows)
+            # DDP averages gradients over ranks, so each rank's sum is scaled up by their number;
+            # dividing by the accumulation steps makes the summed gradient the big batch's mean
+            scale = weight * world.size / (denom * cfg.grad_accum)
+            sync = micro == cfg.grad_accum - 1 or not world.distributed
+            with nullcontext() if sync else objective.no_sync():  # sync grads once per step
+                with autocast(device, cfg.bf16):
+                    loss = objective(batch, scale)
+                loss.backward()
+            total += loss.item() / world.size
+        total = distributed.all_sum(total, device, world)
         if not math.isfinite(total):
             bar.close()
             raise TunelabError(
@@ -141,16 +211,19 @@ def train(
         ema = total if ema is None else 0.9 * ema + 0.1 * total
         record = {"step": res.step, "loss": round(total, 5), "lr": opt.param_groups[0]["lr"]}
         if (val_ex or validate) and (res.step % cfg.eval_every == 0 or res.step == cfg.steps):
-            if validate is not None:
-                acc = validate(tuned)
-            else:
-                acc = validation_accuracy(tuned, val_ex, verbalizer, pad_id, cfg)
+            acc = None
+            if world.main:
+                if validate is not None:
+                    acc = validate(tuned)
+                else:
+                    acc = validation_accuracy(tuned, val_ex, verbalizer, pad_id, cfg)
+            acc = distributed.from_main(acc, world)  # every rank takes the same decisions
             record["validation"] = acc
             if res.best_metric is None or acc > res.best_metric:
                 res.best_metric, res.best_step, res.bad_evals = acc, res.step, 0
-                atomic_save(
-                    tuned.trainable_state(), best_path, {"step": res.step, "validation": acc}
-                )
+                if world.main:
+                    meta = {"step": res.step, "validation": acc}
+                    atomic_save(tuned.trainable_state(), best_path, meta)
             else:
                 res.bad_evals += 1
                 if cfg.patience and res.bad_evals >= cfg.patience:
@@ -163,10 +236,12 @@ def train(
         if res.step % cfg.save_every == 0 or res.step == cfg.steps or res.stopped_early:
             save_last()
     bar.close()
-    if res.stopped_early:
+    if res.stopped_early and world.main:
         print(f"early stop at step {res.step}: no improvement in {cfg.patience} validation runs")
-    if best_path.is_file() and res.best_step is not None:
+    if world.main and best_path.is_file() and res.best_step is not None:
         tensors, _ = load(best_path)
         tuned.load_trainable_state(tensors)
+    if res.best_step is not None:  # rank 0 restored the best weights; the others take them
+        distributed.broadcast_trainable(tuned, world)
     tuned.eval()
     return res
