@@ -11,6 +11,8 @@ from tunelab.compare.run import add_arguments as add_compare_arguments
 from tunelab.compare.run import run as run_compare
 from tunelab.errors import TunelabError
 from tunelab.evaluate.cli import add_eval_arguments, add_predict_arguments, run_eval, run_predict
+from tunelab.serve.cli import add_arguments as add_serve_arguments
+from tunelab.serve.cli import run as run_serve
 from tunelab.train.cli import add_arguments as add_train_arguments
 from tunelab.train.cli import run as run_train
 
@@ -20,6 +22,7 @@ COMMANDS = {
     "predict": (add_predict_arguments, run_predict),
     "compare": (add_compare_arguments, run_compare),
     "advise": (add_advise_arguments, run_advise),
+    "serve": (add_serve_arguments, run_serve),
 }
 
 

@@ -86,7 +86,13 @@ def target_nll(tuned, batch: dict) -> torch.Tensor:
 def label_logprobs(tuned, batch: dict, verbalizer: Verbalizer) -> torch.Tensor:
     """(B, C) log-probabilities of each label, normalised over the labels."""
     h, mask = hidden_states(tuned, batch["input_ids"], batch["attention_mask"])
-    last = last_positions(mask)  # (R,)
+    return label_logprobs_at(tuned, h, last_positions(mask), batch, verbalizer)
+
+
+def label_logprobs_at(tuned, h, last, batch: dict, verbalizer: Verbalizer) -> torch.Tensor:
+    """(B, C) label log-probabilities from final hidden states h (R, T, D) whose answer
+    position in row r is last[r] (R,): shared by `label_logprobs` and the server's mixed-task
+    batches, which compute h their own way."""
     if tuned.head is not None:  # a classification layer on the answer position's hidden state
         h_last = h[torch.arange(h.size(0)), last]  # (B, D)
         return F.log_softmax(tuned.head(h_last.to(tuned.head.weight.dtype)).float(), -1)

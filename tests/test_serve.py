@@ -1,0 +1,331 @@
+"""`tunelab serve` on a real HTTP server (uvicorn on a free loopback port) with tiny artifacts:
+every endpoint, mixed-task batches against one-task batches and `tunelab predict`, the prefix
+cache against the uncached path, hot load and unload, limits, auth, bad artifacts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_task, write_jsonl
+from test_generation import SQL_TASK, TABLES, sql_rows
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+TEXTS = [
+    "the film was good .",
+    "the plot was dull .",
+    "the cast was superb .",
+    "the song was poor .",
+    "a lovely show",
+    "the book was boring and the story was awful .",
+]
+
+
+def _task_file(dir: Path, template: str | None = None, pos="yes", neg="no") -> Path:
+    dir.mkdir(parents=True, exist_ok=True)
+    path = make_task(dir, pos=pos, neg=neg)
+    if template:
+        text = path.read_text().replace('template: "{text} It was"', f'template: "{template}"')
+        path.write_text(text)
+    return path
+
+
+def _artifact(model_dir: Path, task_path: Path, out: Path, method: str, **settings) -> Path:
+    """An untrained artifact of `method` (its own initialisation): serving must reproduce it
+    exactly, trained or not."""
+    from tunelab import methods
+    from tunelab.artifact import save_artifact
+    from tunelab.models import load_backbone
+    from tunelab.tasks import load_task
+    from tunelab.tasks.verbalizer import Verbalizer
+
+    backbone = load_backbone(str(model_dir))
+    task = load_task(str(task_path))
+    cfg = methods.CONFIGS[method](**settings)
+    tuned = methods.get(method).build(backbone, cfg, Verbalizer.build(task, backbone.tokenizer), 3)
+    if method == "lora":  # LoRA's B starts at zero; move it so the adapter changes the output
+        with torch.no_grad():
+            for n, p in tuned.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+    save_artifact(out, method, cfg, tuned, task, backbone)
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve-artifacts")
+    plain = _task_file(root / "plain")
+    review = _task_file(root / "review", template="Review: {text} Verdict: it was")
+    multi = _task_file(root / "multi", pos="[good, superb]", neg="[bad, boring]")
+    sql = root / "sql"
+    sql.mkdir()
+    write_jsonl(sql / "train.jsonl", sql_rows(TABLES))
+    write_jsonl(sql / "test.jsonl", sql_rows(TABLES[:2]))
+    (sql / "task.yaml").write_text(SQL_TASK)
+    return {
+        "sst": _artifact(tiny_model_dir, plain, root / "a-pt", "prompt-tuning",
+                         num_virtual_tokens=4),
+        "review": _artifact(tiny_model_dir, review, root / "a-pt2", "prompt-tuning",
+                            num_virtual_tokens=6, init="random"),
+        "multi": _artifact(tiny_model_dir, multi, root / "a-multi", "prompt-tuning",
+                           num_virtual_tokens=3, insert="start"),
+        "prefix": _artifact(tiny_model_dir, review, root / "a-prefix", "prefix",
+                            num_virtual_tokens=3),
+        "head": _artifact(tiny_model_dir, plain, root / "a-head", "head", init="random"),
+        "lora": _artifact(tiny_model_dir, review, root / "a-lora", "lora", r=2, dropout=0.0),
+        "sql": _artifact(tiny_model_dir, sql / "task.yaml", root / "a-sql", "prompt-tuning",
+                         num_virtual_tokens=2, init="random"),
+    }
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model_dir, artifacts):
+    from tunelab.models import load_backbone
+    from tunelab.serve.store import AdapterStore
+
+    s = AdapterStore(load_backbone(str(tiny_model_dir)), torch.device("cpu"))
+    for name, path in artifacts.items():
+        s.load(name, path)
+    return s
+
+
+def _examples(entry, texts):
+    from tunelab.serve.batcher import encode_inputs
+
+    return encode_inputs(entry, texts)
+
+
+def test_mixed_batch_equals_one_task_batches_and_the_uncached_path(store):
+    from tunelab.evaluate.predict import predict_logprobs
+    from tunelab.serve.forward import classify_mixed
+
+    pad = store.backbone.tokenizer.pad_token_id
+    names = [n for n in store.tasks if n != "sql"]
+    jobs = [(store.get(n), _examples(store.get(n), TEXTS[i % 3 : i % 3 + 3]))
+            for i, n in enumerate(names)]
+    mixed = classify_mixed(jobs, pad)
+    for (entry, examples), got in zip(jobs, mixed):
+        alone = classify_mixed([(entry, examples)], pad)[0]
+        plain = predict_logprobs(entry.tuned, examples, entry.prep.verbalizer, pad)
+        assert torch.allclose(got, alone, atol=1e-5), entry.name
+        assert torch.allclose(got, plain, atol=1e-4), entry.name
+        assert got.argmax(-1).tolist() == plain.argmax(-1).tolist()
+    # the tasks really differ: the same text does not score the same everywhere
+    firsts = {tuple(m[0].tolist()) for m in mixed[:2]}
+    assert len(firsts) == 2
+
+
+def test_head_cache_holds_the_fixed_part(store):
+    from tunelab.serve.forward import head_of
+
+    review = head_of(store.get("review"))
+    tok = store.backbone.tokenizer
+    # BOS, then the soft prompt, then "Review:" (the text before {text}, its last token held
+    # back because it may merge with the input)
+    assert review.token_ids[0] == tok.bos_token_id and review.prompt_at == 1
+    assert review.n_prompt == 6 and len(review.token_ids) >= 2
+    assert review.keys[0].shape[1] == review.slots
+    prefix = head_of(store.get("prefix"))
+    assert prefix.n_prefix == 3 and prefix.slots == 3 + len(prefix.token_ids)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real uvicorn server on a free loopback port, in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return httpx.Client(base_url=self.url, timeout=60)
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def client(store):
+    from tunelab.serve.app import ServeConfig, create_app
+
+    # a long window, so that concurrent requests surely share a batch
+    cfg = ServeConfig(window_ms=150, max_inputs=8, max_input_chars=200, max_body_bytes=4096)
+    with Server(create_app(store, cfg)) as c:
+        yield c
+
+
+def test_classify_matches_tunelab_predict(client, artifacts, capsys):
+    from tunelab.__main__ import main
+
+    for name in ("sst", "multi", "prefix", "lora"):
+        r = client.post("/v1/classify", json={"task": name, "inputs": TEXTS[:4]})
+        assert r.status_code == 200, r.text
+        got = r.json()["results"]
+        assert main(["predict", "--adapter", str(artifacts[name]), "--json", *TEXTS[:4]]) == 0
+        want = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert [g["label"] for g in got] == [w["label"] for w in want], name
+        for g, w in zip(got, want):
+            for label, p in w["probabilities"].items():
+                assert g["probabilities"][label] == pytest.approx(p, abs=1e-4)
+
+
+def test_concurrent_requests_of_different_tasks_share_batches(client):
+    names = ["sst", "review", "multi", "prefix", "head", "lora"]
+    alone = {n: client.post("/v1/classify", json={"task": n, "inputs": TEXTS}).json()
+             for n in names}
+    before = _metric(client, "tunelab_batch_requests_count")
+    results: dict[str, dict] = {}
+
+    def call(n):
+        results[n] = client.post("/v1/classify", json={"task": n, "inputs": TEXTS}).json()
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batches = _metric(client, "tunelab_batch_requests_count") - before
+    assert batches < len(names)  # some requests ran in the same batch
+    for n in names:
+        got, want = results[n]["results"], alone[n]["results"]
+        assert [g["label"] for g in got] == [w["label"] for w in want], n
+        for g, w in zip(got, want):
+            for label in w["probabilities"]:
+                assert g["probabilities"][label] == pytest.approx(
+                    w["probabilities"][label], abs=1e-4
+                )
+
+
+def _metric(client, name: str) -> float:
+    text = client.get("/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_tasks_health_metrics_openapi_and_generate(client, artifacts, capsys):
+    from tunelab.__main__ import main
+
+    tasks = {t["name"]: t for t in client.get("/v1/tasks").json()}
+    assert set(tasks) >= {"sst", "review", "multi", "prefix", "head", "lora", "sql"}
+    assert tasks["sst"]["backbone"] == "shared" and tasks["lora"]["backbone"] == "own"
+    assert tasks["sst"]["labels"] == ["positive", "negative"]
+    assert tasks["sql"]["kind"] == "generation"
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["tasks"] == len(tasks) and health["model"]
+    questions = ["How many singer rows are there?", "How many song rows are there?"]
+    r = client.post("/v1/generate", json={"task": "sql", "inputs": questions})
+    assert r.status_code == 200, r.text
+    assert main(["predict", "--adapter", str(artifacts["sql"]), "--json", *questions]) == 0
+    want = [json.loads(x)["output"] for x in capsys.readouterr().out.splitlines()]
+    assert r.json()["outputs"] == want
+    r = client.post("/v1/generate", json={"task": "sql", "inputs": questions, "max_tokens": 999})
+    assert r.status_code == 422 and "at most 256" in r.text
+    assert client.post("/v1/classify", json={"task": "sst", "inputs": ["good"]}).status_code == 200
+    metrics = client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'tunelab_request_seconds_bucket{endpoint="classify",task="sst",le="+Inf"}' in (
+        metrics.text
+    )
+    assert 'tunelab_requests_total{endpoint="generate",task="sql",status="200"}' in metrics.text
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/classify", "/v1/generate", "/v1/tasks", "/v1/tasks/{name}", "/health"} <= set(
+        paths
+    )
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"task": "nope", "inputs": ["x"]}, 404, "unknown task 'nope'"),
+        ({"task": "sst", "inputs": ["x"] * 9}, 413, "at most 8 per request"),
+        ({"task": "sst", "inputs": ["x" * 201]}, 422, "at most 200"),
+        ({"task": "sst", "inputs": [{"title": "x"}]}, 422, "missing field 'text'"),
+        ({"task": "sql", "inputs": ["x"]}, 422, "use /v1/generate"),
+        ({"task": "sst", "inputs": []}, 422, "at least 1"),
+        ({"task": "sst", "inputs": ["y" * 150] * 8 * 4}, 413, "over 4096 bytes"),
+    ],
+)
+def test_limits_and_bad_requests(client, body, status, message):
+    r = client.post("/v1/classify", json=body)
+    assert r.status_code == status, r.text
+    assert message in r.text
+    assert client.get("/health").status_code == 200
+
+
+def test_hot_load_unload_and_refused_artifacts(client, artifacts, tmp_path):
+    import shutil
+
+    r = client.post("/v1/tasks", json={"name": "sst-copy", "path": str(artifacts["sst"])})
+    assert r.status_code == 201, r.text
+    assert r.json()["backbone"] == "shared"
+    a = client.post("/v1/classify", json={"task": "sst-copy", "inputs": TEXTS}).json()
+    b = client.post("/v1/classify", json={"task": "sst", "inputs": TEXTS}).json()
+    assert [x["label"] for x in a["results"]] == [x["label"] for x in b["results"]]
+    assert client.post(
+        "/v1/tasks", json={"name": "sst-copy", "path": str(artifacts["sst"])}
+    ).status_code == 409
+
+    pickled = shutil.copytree(artifacts["sst"], tmp_path / "pickled")
+    torch.save({"x": torch.zeros(1)}, pickled / "adapter_model.bin")
+    other = shutil.copytree(artifacts["sst"], tmp_path / "other-base")
+    meta = json.loads((other / "tunelab.json").read_text())
+    meta["base_model"]["fingerprint"] = "0" * 16
+    (other / "tunelab.json").write_text(json.dumps(meta))
+    shapes = shutil.copytree(artifacts["sst"], tmp_path / "shapes")
+    meta = json.loads((shapes / "tunelab.json").read_text())
+    meta["method_config"]["num_virtual_tokens"] = 5
+    (shapes / "tunelab.json").write_text(json.dumps(meta))
+    for path, message in [
+        (pickled, "a pickle file; tunelab loads only safetensors"),
+        (other, "fingerprint"),
+        (shapes, "has shape (4, 32), but this model and config need (5, 32)"),
+        (tmp_path / "missing", "no such adapter directory"),
+    ]:
+        r = client.post("/v1/tasks", json={"name": "bad", "path": str(path)})
+        assert r.status_code == 422 and message in r.json()["detail"], r.text
+        # still serving, and the refused artifact left nothing behind
+        assert client.get("/health").json()["status"] == "ok"
+        assert "bad" not in [t["name"] for t in client.get("/v1/tasks").json()]
+    assert client.post("/v1/classify", json={"task": "sst", "inputs": ["good"]}).status_code == 200
+
+    assert client.delete("/v1/tasks/sst-copy").json() == {"unloaded": "sst-copy"}
+    gone = client.post("/v1/classify", json={"task": "sst-copy", "inputs": ["x"]})
+    assert gone.status_code == 404
+    assert client.delete("/v1/tasks/sst-copy").status_code == 404
+
+
+def test_bearer_token(store):
+    from tunelab.serve.app import ServeConfig, create_app
+
+    with Server(create_app(store, ServeConfig(api_key="s3cret"))) as c:
+        body = {"task": "sst", "inputs": ["good"]}
+        assert c.post("/v1/classify", json=body).status_code == 401
+        bad = {"Authorization": "Bearer wrong"}
+        assert c.post("/v1/classify", json=body, headers=bad).status_code == 401
+        assert c.get("/v1/tasks").status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert c.post("/v1/classify", json=body, headers=ok).status_code == 200
+        assert c.get("/health").status_code == 200  # probes need no token

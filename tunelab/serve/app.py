@@ -1,0 +1,263 @@
+"""The HTTP API (FastAPI): classify, generate, task management, health, Prometheus metrics."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+
+from tunelab.errors import TunelabError
+from tunelab.evaluate.cli import _distribution
+from tunelab.serve.batcher import Batcher, encode_inputs
+from tunelab.serve.metrics import Metrics
+from tunelab.serve.store import AdapterStore
+
+OPEN_PATHS = ("/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+Input = str | dict[str, str]
+
+
+@dataclass
+class ServeConfig:
+    window_ms: float = 5.0  # how long a request waits for others to share its forward pass
+    max_batch: int = 64  # inputs per forward pass
+    max_inputs: int = 64  # inputs per request
+    max_input_chars: int = 4000  # characters per input (all fields together)
+    max_body_bytes: int = 1 << 20
+    max_new_tokens: int = 256  # the most /v1/generate may ask for
+    api_key: str | None = None
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_inputs", "max_input_chars", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise TunelabError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.window_ms < 0:
+            raise TunelabError(f"--window-ms must be >= 0, got {self.window_ms}")
+
+
+class ClassifyRequest(BaseModel):
+    task: str = Field(description="a loaded task's name (see GET /v1/tasks)")
+    inputs: list[Input] = Field(
+        min_length=1, description="texts, or objects of input field -> text"
+    )
+
+
+class Classified(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    task: str
+    results: list[Classified]
+
+
+class GenerateRequest(BaseModel):
+    task: str
+    inputs: list[Input] = Field(min_length=1)
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="new tokens at most (default: the task's max_new_tokens)"
+    )
+
+
+class GenerateResponse(BaseModel):
+    task: str
+    outputs: list[str]
+
+
+class TaskLoad(BaseModel):
+    name: str = Field(description="the name requests will use")
+    path: str = Field(description="an artifact directory on the server's file system")
+
+
+class TaskInfo(BaseModel):
+    name: str
+    method: str
+    kind: str  # classification | generation
+    labels: list[str]
+    input_fields: list[str]
+    backbone: str  # shared (the one backbone) | own (a copy: LoRA, full fine-tuning, ...)
+    path: str
+    cached_prefix_slots: int | None  # key/value slots computed once per task (None: not yet)
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    tasks: int
+
+
+class _BodyLimit:
+    """Refuse request bodies over `limit` bytes with 413 before the app reads them."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                detail = f"request body over {self.limit} bytes (--max-body-bytes)"
+                return await JSONResponse({"detail": detail}, 413)(scope, receive, send)
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
+    metrics = Metrics()
+    batcher = Batcher(store.backbone.tokenizer.pad_token_id, cfg.window_ms, cfg.max_batch, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()  # uvicorn has let in-flight requests finish; drain the queue
+
+    app = FastAPI(
+        title="tunelab serve",
+        description="Many tasks on one frozen backbone, rows of different tasks in one batch.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.store, app.state.batcher, app.state.metrics = store, batcher, metrics
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if cfg.api_key and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
+                return JSONResponse(
+                    {"detail": "missing or wrong bearer token (Authorization: Bearer KEY)"},
+                    401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await call_next(request)
+
+    def entry_for(name: str, kind: str, inputs: list):
+        entry = store.get(name)
+        if entry is None:
+            known = ", ".join(store.tasks) or "none"
+            raise HTTPException(404, f"unknown task {name!r} (loaded: {known})")
+        if entry.describe()["kind"] != kind:
+            other = "/v1/generate" if kind == "classification" else "/v1/classify"
+            raise HTTPException(422, f"task {name!r} is not a {kind} task; use {other}")
+        if len(inputs) > cfg.max_inputs:
+            raise HTTPException(
+                413, f"{len(inputs)} inputs; at most {cfg.max_inputs} per request (--max-inputs)"
+            )
+        for i, item in enumerate(inputs, start=1):
+            n = len(item) if isinstance(item, str) else sum(map(len, item.values()))
+            if n > cfg.max_input_chars:
+                raise HTTPException(
+                    422,
+                    f"input {i}: {n} characters; at most {cfg.max_input_chars} (--max-input-chars)",
+                )
+        try:
+            return entry, encode_inputs(entry, inputs)
+        except TunelabError as e:
+            raise HTTPException(422, str(e)) from None
+
+    async def timed(endpoint: str, req, work):
+        start, status = time.perf_counter(), 500
+        try:
+            out = await work()
+            status = 200
+            return out
+        except HTTPException as e:
+            status = e.status_code
+            raise
+        finally:
+            metrics.observe_request(
+                endpoint, req.task, status, time.perf_counter() - start, len(req.inputs)
+            )
+
+    @app.post("/v1/classify", response_model=ClassifyResponse)
+    async def classify(req: ClassifyRequest) -> ClassifyResponse:
+        """The label and every label's probability for each input."""
+
+        async def work():
+            entry, examples = entry_for(req.task, "classification", req.inputs)
+            logp = await batcher.classify(entry, examples)
+            labels = entry.prep.verbalizer.labels
+            results = []
+            for row in logp.exp().tolist():
+                best, dist = _distribution(labels, row)
+                results.append(Classified(label=best, probabilities=dist))
+            return ClassifyResponse(task=req.task, results=results)
+
+        return await timed("classify", req, work)
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(req: GenerateRequest) -> GenerateResponse:
+        """Greedy continuations (cut at the task's stop strings) for each input."""
+
+        async def work():
+            entry, examples = entry_for(req.task, "generation", req.inputs)
+            limit = req.max_tokens or entry.task.generation.max_new_tokens
+            if limit > cfg.max_new_tokens:
+                raise HTTPException(422, f"max_tokens {limit}; at most {cfg.max_new_tokens}")
+            outputs = await batcher.generate(entry, examples, limit)
+            return GenerateResponse(task=req.task, outputs=outputs)
+
+        return await timed("generate", req, work)
+
+    @app.get("/v1/tasks", response_model=list[TaskInfo])
+    async def list_tasks() -> list[dict]:
+        """The loaded tasks; `backbone` says whether a task shares the one backbone."""
+        return store.describe()
+
+    @app.post("/v1/tasks", response_model=TaskInfo, status_code=201)
+    async def load_task(req: TaskLoad) -> dict:
+        """Load an artifact directory while serving; a bad artifact is refused (422) and
+        nothing else changes."""
+        if store.get(req.name) is not None:
+            raise HTTPException(409, f"task {req.name!r} is already loaded")
+        try:
+            entry = await batcher.run(store.load, req.name, Path(req.path))
+        except TunelabError as e:
+            raise HTTPException(422, str(e)) from None
+        return entry.describe()
+
+    @app.delete("/v1/tasks/{name}")
+    async def unload_task(name: str) -> dict:
+        """Unload a task (requests already queued for it still finish)."""
+        if store.get(name) is None:
+            raise HTTPException(404, f"unknown task {name!r}")
+        await batcher.run(store.unload, name)
+        return {"unloaded": name}
+
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        return Health(status="ok", model=store.backbone.name, tasks=len(store.tasks))
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> PlainTextResponse:
+        """Prometheus text: requests, inputs, latency histograms per task, batch sizes."""
+        return PlainTextResponse(
+            metrics.render(len(store.tasks)), media_type="text/plain; version=0.0.4"
+        )
+
+    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
+    return app

@@ -1,0 +1,118 @@
+"""The adapter store: one backbone in memory and any number of task artifacts on it.
+
+Methods that leave the backbone's weights alone (prompt tuning, prefix tuning, a head on a
+frozen backbone) share the one backbone, so adding a task costs only its own tensors and its
+rows can run in the same forward pass as any other shared task's. Methods that change weights
+(LoRA, hybrid, freeze, full, a head with a trained backbone) get their own copy of the backbone:
+a fully fine-tuned model is its own backbone, and `/v1/tasks` says which is which.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunelab.artifact import load_artifact, read_meta
+from tunelab.errors import TunelabError
+from tunelab.evaluate.cli import _max_length, _pool
+from tunelab.models import Backbone
+from tunelab.tasks.prepared import PreparedTask
+from tunelab.tasks.spec import TaskSpec
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# methods whose artifacts never write into the backbone's weights
+SHARING_METHODS = ("prompt-tuning", "prefix", "head")
+
+
+def shares_backbone(meta: dict) -> bool:
+    method = meta.get("method")
+    if method == "head":
+        return not meta.get("method_config", {}).get("train_backbone", False)
+    return method in SHARING_METHODS
+
+
+@dataclass
+class TaskEntry:
+    name: str
+    path: Path
+    method: str
+    tuned: object  # TunedLM
+    prep: PreparedTask  # template, verbalizer, demonstration pool, max length; no data
+    backbone: Backbone
+    shared: bool  # runs on the store's shared backbone (else on its own copy)
+    head_cache: object = None  # forward.HeadCache, built on first use
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def task(self) -> TaskSpec:
+        return self.prep.task
+
+    def describe(self) -> dict:
+        task = self.task
+        cache = self.head_cache
+        return {
+            "name": self.name,
+            "method": self.method,
+            "kind": "generation" if task.is_generation else "classification",
+            "labels": [] if task.is_generation else list(self.prep.verbalizer.labels),
+            "input_fields": list(task.input_fields),
+            "backbone": "shared" if self.shared else "own",
+            "path": str(self.path),
+            "cached_prefix_slots": cache.slots if cache is not None else None,
+        }
+
+
+class AdapterStore:
+    """Task name -> loaded artifact, all on (or copied from) one backbone."""
+
+    def __init__(self, backbone: Backbone, device: torch.device):
+        self.backbone = backbone
+        self.device = device
+        self.backbone.model.to(device).eval()
+        self.tasks: dict[str, TaskEntry] = {}
+
+    def load(self, name: str, path: Path) -> TaskEntry:
+        """Load an artifact under `name`; a bad one raises TunelabError and changes nothing."""
+        if not NAME.match(name or ""):
+            raise TunelabError(
+                f"task name {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting with a "
+                "letter or digit)"
+            )
+        if name in self.tasks:
+            raise TunelabError(f"task {name!r} is already loaded (from {self.tasks[name].path})")
+        path = Path(path)
+        meta = read_meta(path)
+        if "method" not in meta or "base_model" not in meta:
+            raise TunelabError(f"{path / 'tunelab.json'}: no method or base_model; not an artifact")
+        shared = shares_backbone(meta)
+        backbone = self.backbone
+        if not shared:
+            # the artifact writes into weights (LoRA layers, fine-tuned blocks): a private copy
+            backbone = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
+        try:
+            tuned, task, meta, backbone = load_artifact(path, backbone)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            # a hand-edited tunelab.json or a tensor file that is not safetensors
+            raise TunelabError(f"{path}: cannot load this artifact: {e}") from None
+        tuned.to(self.device).eval()
+        prep = PreparedTask.load(
+            task, backbone.tokenizer, _max_length(meta), splits={}, demo_pool=_pool(meta)
+        )
+        entry = TaskEntry(name, path, meta["method"], tuned, prep, backbone, shared)
+        self.tasks[name] = entry
+        return entry
+
+    def unload(self, name: str) -> TaskEntry:
+        return self.tasks.pop(name)
+
+    def get(self, name: str) -> TaskEntry | None:
+        return self.tasks.get(name)
+
+    def describe(self) -> list[dict]:
+        return [e.describe() for e in self.tasks.values()]
