@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.evaluate.metrics import headline
 
 GB = 2**30
 RUNTIME_BYTES = 0.6 * GB  # Python, torch and transformers themselves, measured on CPU
@@ -104,9 +105,7 @@ def recommend(
                 "train_gb": train / GB,
                 "serve_gb": serving_memory(s, m, tasks) / GB,
                 "fits": train <= budget_gb * GB,
-                "accuracy": rec["metrics"].get("accuracy", rec["metrics"].get("exact_match"))
-                if rec
-                else None,
+                "accuracy": headline(rec["metrics"])[1] if rec else None,
                 "prior_rank": ACCURACY_PRIOR.index(m),
             }
         )

@@ -201,8 +201,23 @@ def _measure_switch(run_dir: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def headline_metric(task) -> str:
+    """What a task's methods are ranked by."""
+    if task.sql is not None:
+        return "execution_accuracy"  # runs the SQL: exact match undercounts right queries
+    return "exact_match" if task.is_generation else "accuracy"
+
+
 def _headline_metrics(m: dict) -> dict:
-    keys = ("accuracy", "macro_f1", "exact_match", "token_f1", "n")
+    keys = (
+        "accuracy",
+        "macro_f1",
+        "execution_accuracy",
+        "exact_set_match",
+        "exact_match",
+        "token_f1",
+        "n",
+    )
     return {k: m[k] for k in keys if k in m}
 
 
@@ -313,7 +328,7 @@ def run(args: argparse.Namespace) -> None:
         "task": task.name,
         "task_kind": "generation" if task.is_generation else "classification",
         "split": next((r["split"] for r in ok), args.eval_split),
-        "metric": "exact_match" if task.is_generation else "accuracy",
+        "metric": headline_metric(task),
         "model": {
             "name": args.model or DEFAULT_MODEL,
             "fingerprint": fingerprint,

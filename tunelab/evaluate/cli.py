@@ -136,6 +136,8 @@ def run_eval(args: argparse.Namespace) -> None:
     task = load_task(args.task) if args.task else art_task
     if art_task is not None and args.task:
         task = dataclasses.replace(task, **{k: getattr(art_task, k) for k in _PROMPT_KEYS})
+        if task.sql is not None and art_task.sql is not None:  # the schema reads as trained
+            task.sql = dataclasses.replace(task.sql, schema_format=art_task.sql.schema_format)
     if args.demos is not None:
         task = dataclasses.replace(
             task, demonstrations=dataclasses.replace(task.demonstrations, k=args.demos)
@@ -145,7 +147,15 @@ def run_eval(args: argparse.Namespace) -> None:
     prep.limit(split, args.limit)
     metrics, outputs = evaluate_split(tuned, prep, split, args.batch_size, bf16=args.bf16)
     mode = meta.get("method") or ("in-context" if task.demonstrations.k else "zero-shot")
-    if task.is_generation:
+    if task.sql is not None:
+        print(
+            f"{task.name} [{split}] {mode}: execution accuracy "
+            f"{metrics['execution_accuracy']:.4f}, exact-set match "
+            f"{metrics['exact_set_match']:.4f}, exact match {metrics['exact_match']:.4f}, "
+            f"n={metrics['n']}"
+        )
+        print("outcomes: " + ", ".join(f"{k} {v}" for k, v in metrics["sql_outcomes"].items()))
+    elif task.is_generation:
         print(
             f"{task.name} [{split}] {mode}: exact match {metrics['exact_match']:.4f}, "
             f"token F1 {metrics['token_f1']:.4f}, n={metrics['n']}"

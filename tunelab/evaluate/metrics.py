@@ -66,6 +66,6 @@ def generation_metrics(golds: list[str], preds: list[str]) -> dict:
 
 
 def headline(metrics: dict) -> tuple[str, float]:
-    """The one number a run is judged by: accuracy, else exact match."""
-    key = "accuracy" if "accuracy" in metrics else "exact_match"
+    """The one number a run is judged by: accuracy, execution accuracy (SQL), else exact match."""
+    key = next(k for k in ("accuracy", "execution_accuracy", "exact_match") if k in metrics)
     return key.replace("_", " "), metrics[key]

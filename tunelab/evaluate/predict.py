@@ -91,6 +91,8 @@ def evaluate_split(
             )
             golds = [render(task.target, r.fields).strip() for r in prepared.split(split)]
             metrics = generation_metrics(golds, texts)
+            if task.sql is not None:
+                metrics.update(_sql_metrics(task, prepared.split(split), golds, texts))
             metrics.update(split=split, seconds=round(time.perf_counter() - start, 3))
             return metrics, texts
         logp = predict_logprobs(
@@ -107,3 +109,24 @@ def evaluate_split(
     metrics = classification_metrics(gold, logp.argmax(-1).tolist(), prepared.verbalizer.labels)
     metrics.update(split=split, seconds=round(time.perf_counter() - start, 3))
     return metrics, logp
+
+
+def _sql_metrics(task, records, golds: list[str], texts: list[str]) -> dict:
+    """Execution accuracy and exact-set match of generated SQL (tunelab/evaluate/sql)."""
+    from tunelab.evaluate.sql import sql_metrics
+    from tunelab.models.load import tunelab_home
+    from tunelab.tasks.sql import tables_of
+
+    cfg = task.sql
+    db_ids = [str(r.fields[cfg.db_field]) for r in records]
+    metrics, _ = sql_metrics(
+        tables_of(cfg.tables),
+        db_ids,
+        golds,
+        texts,
+        tunelab_home() / "sql",
+        cfg.databases,
+        cfg.seed,
+        cfg.timeout,
+    )
+    return metrics

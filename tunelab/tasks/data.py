@@ -82,9 +82,8 @@ def load_splits(task: TaskSpec) -> dict[str, list[Record]]:
     rest: list[Record] = []
     if task.few_shot is not None:
         if task.label_field is None:
-            train, rest = _carve(
-                train, len(train) - task.few_shot.k, random.Random(task.few_shot.seed)
-            )
+            # keep k rows (carved, seeded); the rest may still give a validation split
+            train, rest = _carve(train, task.few_shot.k, random.Random(task.few_shot.seed))
         else:
             train, rest = _per_class(
                 task, train, task.few_shot.k, random.Random(task.few_shot.seed)

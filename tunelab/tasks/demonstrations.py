@@ -1,7 +1,9 @@
-"""Context demonstrations: k solved examples per class placed before the input.
+"""Context demonstrations: k solved examples per class (k in all for generation) placed before
+the input.
 
-Selection is random (seeded per input) or by similarity to the input (TF-IDF cosine; LM-BFF,
-Gao et al. 2021, use SBERT embeddings for the same purpose).
+Selection is random (seeded per input), by similarity to the input (TF-IDF cosine; LM-BFF,
+Gao et al. 2021, use SBERT embeddings for the same purpose), or, for text-to-SQL, random among
+rows of the input's own database (topped up from others when it has fewer than k).
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ class DemoSelector:
         self.pool = pool
         self.by_label: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(pool):
-            self.by_label[str(r.fields[task.label_field])].append(i)
+            # generation: one group, so k in all
+            self.by_label[str(r.fields[task.label_field]) if task.label_field else ""].append(i)
         if self.cfg.select == "similar":
             self._index()
 
     def _text(self, r: Record) -> str:
+        if self.task.is_generation:  # the input fields alone: for SQL, not the schema
+            return " ".join(str(r.fields.get(f, "")) for f in self.task.input_fields)
         return render(self.task.template, r.fields)
 
     def _index(self) -> None:
@@ -76,13 +81,19 @@ class DemoSelector:
         else:
             rng = random.Random(self.cfg.seed * 1_000_003 + zlib.crc32(self._text(query).encode()))
         chosen: list[Record] = []
-        for label in self.task.labels:
+        for label in self.task.labels or [""]:
             cands = [
                 i
                 for i in self.by_label.get(label, [])
                 if (self.pool[i].source, self.pool[i].line) != own
             ]
-            if self.cfg.select == "similar":
+            if self.cfg.select == "same-database":
+                db = self.task.sql.db_field
+                same = [i for i in cands if self.pool[i].fields.get(db) == query.fields.get(db)]
+                others = [i for i in cands if self.pool[i].fields.get(db) != query.fields.get(db)]
+                picked = rng.sample(same, min(k, len(same)))
+                picked = rng.sample(others, min(k - len(picked), len(others))) + picked
+            elif self.cfg.select == "similar":
                 # least similar first, so the most similar sits next to the input
                 picked = sorted(cands, key=lambda i: (scores[i], -i))[-k:]
             else:
@@ -91,5 +102,8 @@ class DemoSelector:
         return chosen
 
     def render(self, demo: Record) -> str:
+        if self.task.is_generation:
+            template = self.cfg.template or self.task.template
+            return render(template, demo.fields) + render(self.task.target, demo.fields)
         word = self.task.verbalizer[str(demo.fields[self.task.label_field])][0]
         return self._text(demo) + self.task.answer_prefix + word

@@ -17,12 +17,26 @@ class Example:
     target: list[int] | None = None  # generation: the tokens to produce, ending in EOS
 
 
-def prompt_text(task: TaskSpec, record: Record, demos: DemoSelector | None) -> str:
+def prompt_text(task: TaskSpec, record: Record, demos: DemoSelector | None, drop: int = 0) -> str:
+    """The prompt; `drop` leaves out that many demonstrations, the farthest from the input."""
     text = render(task.template, record.fields)
     if demos is None or task.demonstrations.k == 0:
         return text
-    parts = [demos.render(d) for d in demos.select(record)]
+    parts = [demos.render(d) for d in demos.select(record)][drop:]
     return task.demonstrations.separator.join(parts + [text])
+
+
+def _fit_demonstrations(task, record, demos, tokenizer, seq: list[int], room: int) -> list[int]:
+    """Generation: drop demonstrations, farthest first, until the prompt fits in `room` tokens
+    (a cut demonstration would teach a wrong answer; a cut input loses the question)."""
+    n = task.demonstrations.k
+    drop = 0
+    while len(seq) > room and drop < n:
+        drop += 1
+        seq = tokenizer(prompt_text(task, record, demos, drop), add_special_tokens=True)[
+            "input_ids"
+        ]
+    return seq
 
 
 def encode(
@@ -49,6 +63,8 @@ def encode(
     out = []
     for seq, r, target in zip(ids, records, targets):
         room = max_length - (len(target) if target else 0)
+        if len(seq) > room and demos is not None and task.is_generation:
+            seq = _fit_demonstrations(task, r, demos, tokenizer, seq, room)
         if len(seq) > room:
             keep_bos = bos is not None and seq[0] == bos
             seq = ([bos] if keep_bos else []) + seq[len(seq) - room + keep_bos :]

@@ -35,6 +35,11 @@ class PreparedTask:
         verbalizer = None if task.is_generation else Verbalizer.build(task, tokenizer)
         splits = load_splits(task) if splits is None else splits
         pool = demo_pool if demo_pool is not None else splits.get("train", [])
+        if task.sql is not None:  # rows get `schema`, their database's schema as text
+            from tunelab.tasks.sql import attach_schemas
+
+            for rows in [*splits.values(), pool]:
+                attach_schemas(task, rows)
         demos = DemoSelector(task, pool) if task.demonstrations.k > 0 and pool else None
         return cls(task, tokenizer, splits, verbalizer, demos, max_length)
 

@@ -18,10 +18,12 @@ BUILTIN_DIR = Path(__file__).parent / "builtin"
 class Demonstrations:
     """Worked examples placed in the prompt before the input (Brown et al. 2020; LM-BFF)."""
 
-    k: int = 0  # per class
-    select: str = "random"  # random | similar
+    k: int = 0  # per class; in all for generation
+    select: str = "random"  # random | similar | same-database (text-to-SQL)
     separator: str = "\n\n"
     seed: int = 0
+    template: str | None = None  # generation: how a demonstration's input reads (default: the
+    # task's template; for SQL, e.g. without the schema, which would repeat per demonstration)
 
 
 @dataclass
@@ -38,6 +40,19 @@ class Generation:
 
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=lambda: ["\n"])  # the output ends before any of these
+
+
+@dataclass
+class Sql:
+    """Text-to-SQL: each row's database schema goes into the prompt as `{schema}`, and the
+    output is judged by execution on generated SQLite databases (tunelab/evaluate/sql)."""
+
+    tables: str  # a Spider tables.json; relative to the task file
+    db_field: str = "db_id"
+    schema_format: str = "compact"  # compact: table(col, ...) lines | create: CREATE TABLE
+    databases: int = 3  # generated databases per schema; a prediction must match on all
+    seed: int = 0
+    timeout: float = 2.0  # seconds per query before it counts as wrong
 
 
 @dataclass
@@ -58,6 +73,7 @@ class TaskSpec:
     verbalizer: dict[str, list[str]] = field(default_factory=dict)
     target: str | None = None  # generation: the text to produce after the prompt, a template
     generation: Generation = field(default_factory=Generation)
+    sql: Sql | None = None
     data: dict[str, str] = field(default_factory=dict)  # split -> absolute file path
     dataset: dict | None = None  # {"name": ..., "config": ...} for Hugging Face datasets
     holdout: dict[str, int] = field(default_factory=dict)  # split -> rows carved from train
@@ -108,6 +124,7 @@ class TaskSpec:
             ("validation", Validation),
             ("demonstrations", Demonstrations),
             ("generation", Generation),
+            ("sql", Sql),
         ):
             if isinstance(d.get(key), dict):
                 d[key] = _sub(sub, d[key], key, source, lines or {})
@@ -126,8 +143,10 @@ class TaskSpec:
 
     def check(self) -> None:
         """Reject values that cannot work, naming the key's line."""
-        for name in placeholders(self.template):
-            if name not in self.input_fields:
+        derived = ["schema"] if self.sql is not None else []  # filled in from the database id
+        templates = [self.template] + [self.demonstrations.template or ""]
+        for name in (n for t in templates for n in placeholders(t)):
+            if name not in self.input_fields and name not in derived:
                 raise TunelabError(
                     f"{self.where('template')}: template placeholder {{{name}}} names no input "
                     f"field (input_fields: {', '.join(self.input_fields)})"
@@ -137,11 +156,6 @@ class TaskSpec:
                 raise TunelabError(
                     f"{self.where('target')}: a task has either `target:` (generation) or "
                     "`label_field:` and `verbalizer:` (classification), not both"
-                )
-            if self.demonstrations.k:
-                raise TunelabError(
-                    f"{self.where('demonstrations')}: demonstrations for generation tasks are "
-                    "not supported yet"
                 )
             if self.generation.max_new_tokens < 1:
                 raise TunelabError(
@@ -170,11 +184,24 @@ class TaskSpec:
             )
         if "train" not in self.data and not self.dataset:
             raise TunelabError(f"{self.where('data')}: `data:` needs a `train:` file")
-        if self.demonstrations.select not in ("random", "similar"):
+        selects = ("random", "similar") + (("same-database",) if self.sql else ())
+        if self.demonstrations.select not in selects:
             raise TunelabError(
-                f"{self.where('demonstrations.select')}: demonstrations.select must be 'random' or "
-                f"'similar', got {self.demonstrations.select!r}"
+                f"{self.where('demonstrations.select')}: demonstrations.select must be "
+                f"{' or '.join(map(repr, selects))}, got {self.demonstrations.select!r}"
             )
+        if self.sql is not None:
+            if self.target is None:
+                raise TunelabError(f"{self.where('sql')}: `sql:` needs a `target:` (the query)")
+            if self.sql.schema_format not in ("compact", "create"):
+                raise TunelabError(
+                    f"{self.where('sql.schema_format')}: sql.schema_format must be 'compact' or "
+                    f"'create', got {self.sql.schema_format!r}"
+                )
+            if self.sql.databases < 1 or self.sql.timeout <= 0:
+                raise TunelabError(
+                    f"{self.where('sql')}: sql.databases must be >= 1 and sql.timeout > 0"
+                )
         if self.demonstrations.k < 0:
             raise TunelabError(
                 f"{self.where('demonstrations.k')}: demonstrations.k must be >= 0, "
@@ -233,4 +260,7 @@ def load_task(ref: str | Path) -> TaskSpec:
                 f"{at(path, lines.get('data'))}: `data:` must map split names to files"
             )
         raw["data"] = {split: _resolve_path(str(f), path.parent) for split, f in data.items()}
+    sql = raw.get("sql")
+    if isinstance(sql, dict) and "tables" in sql:
+        sql["tables"] = _resolve_path(str(sql["tables"]), path.parent)
     return TaskSpec.from_dict(raw, source=str(path), lines=lines)

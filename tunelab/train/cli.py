@@ -154,9 +154,10 @@ def run(args: argparse.Namespace) -> None:
         enable_gradient_checkpointing(tuned, args.method)
     validate = None
     if task.is_generation and val_ex:
-        # exact match of greedy decoding on the validation split picks the best checkpoint
+        # exact match (execution accuracy for SQL) of greedy decoding on the validation split
+        # picks the best checkpoint
         def validate(t) -> float:
-            return evaluate_split(t, prep, val_name, **evaluate)[0]["exact_match"]
+            return headline(evaluate_split(t, prep, val_name, **evaluate)[0])[1]
 
     start = time.perf_counter()
     result = train(
