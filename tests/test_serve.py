@@ -123,6 +123,18 @@ def test_mixed_batch_equals_one_task_batches_and_the_uncached_path(store):
     assert len(firsts) == 2
 
 
+def test_length_chunks_bound_padding():
+    from tunelab.serve.forward import length_chunks
+
+    lengths = [5, 40, 6, 41, 7, 90, 5, 39]
+    chunks = length_chunks(lengths)
+    assert sorted(i for c in chunks for i in c) == list(range(8))
+    for c in chunks:
+        width = max(lengths[i] for i in c)
+        assert len(c) * width <= 1.2 * sum(lengths[i] for i in c) or len(c) == 1
+    assert [sorted(lengths[i] for i in c) for c in chunks][0] == [5, 5, 6]
+
+
 def test_head_cache_holds_the_fixed_part(store):
     from tunelab.serve.forward import head_of
 
@@ -132,7 +144,7 @@ def test_head_cache_holds_the_fixed_part(store):
     # back because it may merge with the input)
     assert review.token_ids[0] == tok.bos_token_id and review.prompt_at == 1
     assert review.n_prompt == 6 and len(review.token_ids) >= 2
-    assert review.keys[0].shape[1] == review.slots
+    assert review.keys.shape[:3] == (2, 2, review.slots)  # (layers, kv heads, slots)
     prefix = head_of(store.get("prefix"))
     assert prefix.n_prefix == 3 and prefix.slots == 3 + len(prefix.token_ids)
 
@@ -265,11 +277,15 @@ def test_tasks_health_metrics_openapi_and_generate(client, artifacts, capsys):
         ({"task": "sst", "inputs": [{"title": "x"}]}, 422, "missing field 'text'"),
         ({"task": "sql", "inputs": ["x"]}, 422, "use /v1/generate"),
         ({"task": "sst", "inputs": []}, 422, "at least 1"),
+        ({"task": "sst", "inputs": ["bad \ud800 text"]}, 422, "not valid Unicode"),
         ({"task": "sst", "inputs": ["y" * 150] * 8 * 4}, 413, "over 4096 bytes"),
     ],
 )
 def test_limits_and_bad_requests(client, body, status, message):
-    r = client.post("/v1/classify", json=body)
+    # json.dumps escapes a lone surrogate as \ud800, as any JSON client may send it
+    r = client.post(
+        "/v1/classify", content=json.dumps(body), headers={"content-type": "application/json"}
+    )
     assert r.status_code == status, r.text
     assert message in r.text
     assert client.get("/health").status_code == 200
@@ -329,3 +345,103 @@ def test_bearer_token(store):
         ok = {"Authorization": "Bearer s3cret"}
         assert c.post("/v1/classify", json=body, headers=ok).status_code == 200
         assert c.get("/health").status_code == 200  # probes need no token
+
+
+def test_schemathesis_finds_no_server_errors(tiny_model_dir, artifacts):
+    """Property-based requests from /openapi.json (bounded): no response is a 500."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    from tunelab.models import load_backbone
+    from tunelab.serve.app import ServeConfig, create_app
+    from tunelab.serve.store import AdapterStore
+
+    own = AdapterStore(load_backbone(str(tiny_model_dir)), torch.device("cpu"))
+    own.load("sst", artifacts["sst"])
+    own.load("sql", artifacts["sql"])
+    app = create_app(own, ServeConfig(window_ms=1, max_new_tokens=4))
+    with Server(app) as c:
+        url = str(c.base_url).rstrip("/")
+        schema = schemathesis.openapi.from_url(url + "/openapi.json")
+        seen = []
+        for result in schema.get_all_operations():
+            op = result.ok()
+
+            @settings(
+                max_examples=12,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=op.as_strategy())
+            def check(case):
+                r = case.call(base_url=url)
+                seen.append(r.status_code)
+                assert r.status_code < 500, f"{case.method} {case.path}: {r.text[:300]}"
+
+            check()
+        assert client_ok(url)
+    assert len(seen) >= 40 and {200, 422} <= set(seen)
+
+
+def client_ok(url: str) -> bool:
+    return httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_cli_serves_and_finishes_in_flight_requests_on_sigterm(tiny_model_dir, artifacts):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = dict(os.environ, TUNELAB_API_KEY="k3y")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "serve", "--model", str(tiny_model_dir),
+         "--adapter", f"sst={artifacts['sst']}", "--adapter", f"prefix={artifacts['prefix']}",
+         "--port", str(port), "--window-ms", "1500"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k3y"}
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert httpx.get(url + "/v1/tasks").status_code == 401  # TUNELAB_API_KEY applies
+        result = {}
+
+        def call():
+            body = {"task": "prefix", "inputs": TEXTS[:2]}
+            result["r"] = httpx.post(url + "/v1/classify", json=body, headers=auth, timeout=60)
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.5)  # the request now waits in the 1.5 s batching window
+        proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert result["r"].status_code == 200
+        assert len(result["r"].json()["results"]) == 2
+        # uvicorn shuts down cleanly, then re-raises the signal so the process ends by it
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read()
+    assert "Traceback" not in proc.stderr.read()
+    assert "task sst: prompt-tuning (classification, shared backbone)" in out
+    assert f"serving 2 task(s) on http://127.0.0.1:{port}" in out
+
+
+def test_cli_bad_adapter_is_one_line_exit_2(tiny_model_dir, tmp_path, capsys):
+    from tunelab.__main__ import main
+
+    assert main(["serve", "--model", str(tiny_model_dir), "--adapter", "nodir"]) == 2
+    assert "expected NAME=DIR" in capsys.readouterr().err
+    args = ["serve", "--model", str(tiny_model_dir), "--adapter", f"x={tmp_path}"]
+    assert main(args) == 2
+    assert "tunelab.json: missing" in capsys.readouterr().err

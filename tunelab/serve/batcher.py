@@ -39,6 +39,12 @@ def encode_inputs(entry, inputs: list) -> list[Example]:
         else:
             records.append(_record(task, item, i))
     prep = entry.prep
+    for i, r in enumerate(records, start=1):
+        for k, v in r.fields.items():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape
+                raise TunelabError(f"input {i}: field {k!r} is not valid Unicode text") from None
     return encode(task, records, prep.tokenizer, prep.demos, prep.max_length)
 
 
@@ -57,6 +63,9 @@ class Batcher:
         self.max_batch = max_batch
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunelab-model")
+        # jobs [(task entry, examples)] -> [(N, C) log-probabilities]; a benchmark swaps in its
+        # peer's way of running the same batches
+        self.compute = classify_mixed
         self.queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
 
@@ -131,7 +140,7 @@ class Batcher:
                 continue
             try:
                 outs = await self.run(
-                    classify_mixed, [(j.entry, j.examples) for j in live], self.pad_id
+                    self.compute, [(j.entry, j.examples) for j in live], self.pad_id
                 )
             except Exception as e:  # one bad batch fails its requests, not the server
                 for j in live:

@@ -23,8 +23,8 @@ from tunelab.tasks.encode import Example
 
 @dataclass
 class HeadCache:
-    keys: list[torch.Tensor]  # per layer (H, slots, Dh)
-    values: list[torch.Tensor]
+    keys: torch.Tensor | None  # (layers, H, slots, Dh); None when the head is empty
+    values: torch.Tensor | None
     token_ids: list[int]  # the head's tokens (BOS, fixed template text), soft prompt excluded
     prompt_at: int  # index into token_ids where the soft prompt sits
     n_prompt: int  # soft-prompt vectors (0 without one)
@@ -72,7 +72,7 @@ def build_head(tuned, task, tokenizer) -> HeadCache:
     n_prompt = prompt.n if prompt is not None else 0
     if not ids and not n_prompt:
         if tuned.prefix is None:
-            return HeadCache([], [], [], 0, 0, 0)
+            return HeadCache(None, None, [], 0, 0, 0)
         cache = tuned.prefix.cache(1, model.get_input_embeddings().weight.dtype)
     else:
         tok = torch.tensor([ids or [tokenizer.pad_token_id]], device=device)
@@ -94,8 +94,8 @@ def build_head(tuned, task, tokenizer) -> HeadCache:
             use_cache=True,
         )
         cache = out.past_key_values
-    keys = [layer.keys[0].clone() for layer in cache.layers]  # (H, slots, Dh)
-    values = [layer.values[0].clone() for layer in cache.layers]
+    keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (layers, H, slots, Dh)
+    values = torch.stack([layer.values[0] for layer in cache.layers])
     return HeadCache(keys, values, ids, prompt_at, n_prompt, n_prefix)
 
 
@@ -120,24 +120,7 @@ def cached_hidden(model, heads: list[HeadCache], used: list[int], suffixes: list
         return model.base_model(
             inputs_embeds=embeds, attention_mask=smask, position_ids=pos
         ).last_hidden_state
-    from transformers import DynamicCache
-
-    B = len(suffixes)
-    hmask = smask.new_zeros(B, P)
-    cache = DynamicCache()
-    layers = model.config.num_hidden_layers
-    ref = next(h for h, u in zip(heads, used) if u)
-    H, Dh = ref.keys[0].shape[0], ref.keys[0].shape[2]
-    for layer in range(layers):
-        k = embeds.new_zeros(B, H, P, Dh)  # (B, H, P, Dh): each head right-aligned
-        v = embeds.new_zeros(B, H, P, Dh)
-        for b, (head, u) in enumerate(zip(heads, used)):
-            if u:
-                k[b, :, P - u :] = head.keys[layer][:, :u]
-                v[b, :, P - u :] = head.values[layer][:, :u]
-        cache.update(k, v, layer)
-    for b, u in enumerate(used):
-        hmask[b, P - u :] = 1
+    cache, hmask = stack_heads(heads, used, embeds)
     out = model.base_model(
         inputs_embeds=embeds,
         attention_mask=torch.cat([hmask, smask], 1),
@@ -145,6 +128,29 @@ def cached_hidden(model, heads: list[HeadCache], used: list[int], suffixes: list
         past_key_values=cache,
     )
     return out.last_hidden_state
+
+
+def stack_heads(heads: list[HeadCache], used: list[int], like: torch.Tensor):
+    """One DynamicCache for a batch: row b holds the first used[b] slots of its own task's
+    head, right-aligned (B, H, P, Dh) per layer, and its (B, P) mask. This copy is all that
+    switching task costs a row."""
+    from transformers import DynamicCache
+
+    B, P = len(heads), max(used)
+    ref = next(h for h, u in zip(heads, used) if u)
+    L, H, _, Dh = ref.keys.shape
+    k = like.new_zeros(L, B, H, P, Dh)
+    v = like.new_zeros(L, B, H, P, Dh)
+    mask = torch.zeros(B, P, dtype=torch.long, device=like.device)
+    for b, (head, u) in enumerate(zip(heads, used)):
+        if u:
+            k[:, b, :, P - u :] = head.keys[:, :, :u]
+            v[:, b, :, P - u :] = head.values[:, :, :u]
+            mask[b, P - u :] = 1
+    cache = DynamicCache()
+    for layer in range(L):
+        cache.update(k[layer], v[layer], layer)
+    return cache, mask
 
 
 def _rows(entry, ex: Example) -> list[tuple[list[int], list[int] | None]]:
@@ -155,10 +161,28 @@ def _rows(entry, ex: Example) -> list[tuple[list[int], list[int] | None]]:
     return [(ex.ids + w[:-1], w) for w in verbalizer.words]
 
 
+def length_chunks(lengths: list[int], slack: float = 1.2) -> list[list[int]]:
+    """Row indices in chunks of similar length (sorted), each padded to at most `slack` times
+    its real tokens: on a CPU a padded token costs as much as a real one."""
+    chunks: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        chunk = chunks[-1] if chunks else None
+        # sorted ascending: the new row sets the chunk's padded width
+        if chunk is None or (len(chunk) + 1) * lengths[i] > slack * (real + lengths[i]):
+            chunks.append([i])
+            real = lengths[i]
+        else:
+            chunk.append(i)
+            real += lengths[i]
+    return chunks
+
+
 @torch.no_grad()
 def classify_mixed(jobs: list[tuple[object, list[Example]]], pad: int) -> list[torch.Tensor]:
-    """(N, C) label log-probabilities for each (task entry, examples) job; the jobs of tasks on
-    one backbone run as one forward pass."""
+    """(N, C) label log-probabilities for each (task entry, examples) job. Rows of all tasks on
+    one backbone share forward passes: sorted by length into chunks that waste little on
+    padding, tasks mixed freely within a chunk."""
     results: list[torch.Tensor | None] = [None] * len(jobs)
     by_model: dict[int, list[int]] = {}
     for j, (entry, _) in enumerate(jobs):
@@ -180,11 +204,19 @@ def classify_mixed(jobs: list[tuple[object, list[Example]]], pad: int) -> list[t
                 m = u - head.n_prefix - head.n_prompt  # head tokens this row skips
                 rows += [(head, u, ids[m:], w) for ids, w in _rows(entry, ex)]
             spans[j] = (slice(start, len(rows)), kept)
-        h = None
         if rows:
-            h = cached_hidden(
-                model, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], pad
-            )
+            # the last K positions of every row: enough for the longest label word's tokens
+            K = max(len(r[3]) if r[3] is not None else 1 for r in rows)
+            h = None
+            for chunk in length_chunks([len(r[2]) for r in rows]):
+                part = [rows[i] for i in chunk]
+                hc = cached_hidden(  # (C, S, D), left-padded: each row ends at S - 1
+                    model, [r[0] for r in part], [r[1] for r in part], [r[2] for r in part], pad
+                )
+                if h is None:
+                    h = hc.new_zeros(len(rows), K, hc.size(-1))  # (R, K, D)
+                k = min(K, hc.size(1))
+                h[chunk, K - k :] = hc[:, hc.size(1) - k :]
         for j in group:
             entry, examples = jobs[j]
             out = torch.empty(len(examples), len(entry.prep.verbalizer.labels))

@@ -1,0 +1,271 @@
+"""`tunelab serve` under load against the PEFT way of serving the same 8 soft prompts.
+
+    python benchmarks/serve_load.py --requests 480 --clients 32
+
+Both sides are real HTTP servers on loopback (uvicorn, the same FastAPI app and the same
+gathering window), fed the same requests (one input each, a random task of 8 and a random row
+of the built-in demo task's test split) by the same concurrent clients:
+
+- tunelab: rows of all 8 tasks in one forward pass, each with its own soft prompt, the prompt
+  and the template's fixed leading text cached per task (tunelab/serve/forward.py);
+- PEFT: one PeftModel holding the 8 prompt-tuning adapters (loaded from the same artifact
+  directories), one active adapter at a time: each gathered batch is split by task and every
+  group runs as its own forward pass after `set_adapter` (right padding, which PEFT's
+  prepended prompt needs for exact positions).
+
+It prints one JSON object: requests per second, p50/p99 latency and errors per side, the
+ratio, whether both sides gave every request the same label, their accuracy, and task-switch
+times (tunelab: extra cost of a batch of 8 different tasks over one of a single task, per
+row; hot-loading a soft prompt; PEFT: `set_adapter`). Untrained prompts (vocabulary-sampled
+initialisations, 8 seeds) are enough: both sides serve the same artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TASKS = 8
+
+
+def make_artifacts(root: Path) -> list[tuple[str, Path]]:
+    from tunelab import methods
+    from tunelab.artifact import save_artifact
+    from tunelab.models import load_backbone
+    from tunelab.tasks import load_task
+    from tunelab.tasks.verbalizer import Verbalizer
+
+    backbone = load_backbone(None)
+    task = load_task("demo")
+    verbalizer = Verbalizer.build(task, backbone.tokenizer)
+    out = []
+    for i in range(TASKS):
+        cfg = methods.CONFIGS["prompt-tuning"](num_virtual_tokens=20, init="vocab")
+        tuned = methods.get("prompt-tuning").build(backbone, cfg, verbalizer, seed=i)
+        save_artifact(root / f"t{i}", "prompt-tuning", cfg, tuned, task, backbone)
+        out.append((f"t{i}", root / f"t{i}"))
+    return out
+
+
+def peft_compute(peft_model, pad_id: int):
+    """The PEFT way: per task group, `set_adapter`, then one forward pass of that group."""
+    from tunelab.models.scoring import label_logprobs_at
+    from tunelab.tasks.batch import _pad
+
+    scorer = SimpleNamespace(head=None, model=peft_model.get_base_model())
+
+    @torch.no_grad()
+    def compute(jobs, pad):
+        out = [None] * len(jobs)
+        groups: dict[str, list[int]] = {}
+        for j, (entry, _) in enumerate(jobs):
+            groups.setdefault(entry.name, []).append(j)
+        for name, idx in groups.items():
+            peft_model.set_adapter(name)
+            rows = [ex.ids for j in idx for ex in jobs[j][1]]
+            # right padding: PEFT prepends the prompt and numbers positions from 0 (no mask)
+            ids, mask = _pad(rows, pad_id, "right")
+            h = peft_model(
+                input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1
+            ).hidden_states[-1]  # (B, n + T, D), after the final norm
+            n = h.size(1) - ids.size(1)
+            last = n + mask.sum(1) - 1
+            entry = jobs[idx[0]][0]
+            logp = label_logprobs_at(scorer, h, last, {}, entry.prep.verbalizer).float()
+            start = 0
+            for j in idx:
+                k = len(jobs[j][1])
+                out[j] = logp[start : start + k]
+                start += k
+        return out
+
+    return compute
+
+
+class Server:
+    def __init__(self, app, port: int):
+        import uvicorn
+
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+async def load(url: str, requests: list[dict], clients: int) -> dict:
+    import httpx
+
+    latencies, labels, errors = [], [None] * len(requests), 0
+    queue = list(enumerate(requests))
+
+    async def client(http):
+        nonlocal errors
+        while queue:
+            i, body = queue.pop()
+            start = time.perf_counter()
+            try:
+                r = await http.post("/v1/classify", json=body)
+                r.raise_for_status()
+                labels[i] = r.json()["results"][0]["label"]
+            except Exception:
+                errors += 1
+            latencies.append(time.perf_counter() - start)
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        await http.post("/v1/classify", json=requests[0])  # warm-up
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=100)
+    return {
+        "requests": len(requests),
+        "seconds": round(wall, 2),
+        "requests_per_second": round(len(requests) / wall, 2),
+        "p50_ms": round(q[49] * 1000, 1),
+        "p99_ms": round(q[98] * 1000, 1),
+        "errors": errors,
+        "labels": labels,
+    }
+
+
+def switch_times(store, names: list[str], text: str, repeats: int = 3) -> dict:
+    """What switching task costs a row: copying its task's cached head into the batch's cache
+    (`stack_heads`, the only per-task work in a mixed batch), and end to end, a batch of 8
+    rows of 8 tasks against 8 rows of one task."""
+    from tunelab.serve.batcher import encode_inputs
+    from tunelab.serve.forward import classify_mixed, head_of, stack_heads
+
+    heads = [head_of(store.get(n)) for n in names]
+    like = heads[0].keys
+    copies = []
+    for _ in range(200):
+        start = time.perf_counter()
+        stack_heads(heads, [h.slots for h in heads], like)
+        copies.append((time.perf_counter() - start) / len(heads))
+    pad = store.backbone.tokenizer.pad_token_id
+    same = [(store.get(names[0]), encode_inputs(store.get(names[0]), [text])) for _ in names]
+    mixed = [(store.get(n), encode_inputs(store.get(n), [text])) for n in names]
+    timings = {"same": [], "mixed": []}
+    for _ in range(repeats):
+        for kind, jobs in (("same", same), ("mixed", mixed)):
+            start = time.perf_counter()
+            classify_mixed(jobs, pad)
+            timings[kind].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    return {
+        "head_copy_per_row_ms": round(statistics.median(copies) * 1000, 4),
+        "batch_of_8_one_task_ms": round(med["same"] * 1000, 1),
+        "batch_of_8_tasks_ms": round(med["mixed"] * 1000, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=480)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--window-ms", type=float, default=5.0)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--port", type=int, default=8731)
+    args = p.parse_args()
+    from peft import PeftModel
+
+    from tunelab.models import load_backbone
+    from tunelab.serve.app import ServeConfig, create_app
+    from tunelab.serve.forward import head_of
+    from tunelab.serve.store import AdapterStore
+    from tunelab.tasks import load_task
+    from tunelab.tasks.data import load_splits
+
+    torch.set_grad_enabled(False)
+    tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    artifacts = make_artifacts(tmp)
+    store = AdapterStore(load_backbone(None), torch.device("cpu"))
+    load_ms, head_ms = [], []
+    for name, path in artifacts:
+        start = time.perf_counter()
+        entry = store.load(name, path)
+        load_ms.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        head_of(entry)
+        head_ms.append((time.perf_counter() - start) * 1000)
+
+    peft_base = load_backbone(None).model.eval()
+    peft_model = PeftModel.from_pretrained(peft_base, str(artifacts[0][1]), adapter_name="t0")
+    for name, path in artifacts[1:]:
+        peft_model.load_adapter(str(path), adapter_name=name)
+    peft_model.eval()
+    switch_us = []
+    for i in range(200):
+        start = time.perf_counter()
+        peft_model.set_adapter(artifacts[i % TASKS][0])
+        switch_us.append((time.perf_counter() - start) * 1e6)
+
+    task = load_task("demo")
+    rows = load_splits(task)["test"]
+    rng = random.Random(0)
+    picked = [rng.choice(rows) for _ in range(args.requests)]
+    requests = [
+        {"task": f"t{rng.randrange(TASKS)}", "inputs": [r.fields["text"]]} for r in picked
+    ]
+    gold = [str(r.fields[task.label_field]) for r in picked]
+
+    cfg = ServeConfig(window_ms=args.window_ms, max_batch=args.max_batch)
+    results = {}
+    for side in ("tunelab", "peft"):
+        app = create_app(store, cfg)
+        if side == "peft":
+            pad = store.backbone.tokenizer.pad_token_id
+            app.state.batcher.compute = peft_compute(peft_model, pad)
+        with Server(app, args.port + (side == "peft")) as server:
+            results[side] = asyncio.run(load(server.url, requests, args.clients))
+    a, b = results["tunelab"]["labels"], results["peft"]["labels"]
+    summary = {
+        "machine_threads": torch.get_num_threads(),
+        "tasks": TASKS,
+        "clients": args.clients,
+        "window_ms": args.window_ms,
+        "max_batch": args.max_batch,
+        **{
+            side: {k: v for k, v in r.items() if k != "labels"}
+            | {"accuracy": round(sum(x == g for x, g in zip(r["labels"], gold)) / len(gold), 4)}
+            for side, r in results.items()
+        },
+        "rps_ratio": round(
+            results["tunelab"]["requests_per_second"] / results["peft"]["requests_per_second"], 2
+        ),
+        "same_labels": sum(x == y for x, y in zip(a, b)),
+        "tunelab_switch": switch_times(store, [n for n, _ in artifacts], picked[0].fields["text"]),
+        "tunelab_hot_load_ms_median": round(statistics.median(load_ms), 2),
+        "tunelab_head_cache_build_ms_median": round(statistics.median(head_ms), 2),
+        "peft_set_adapter_us_median": round(statistics.median(switch_us), 1),
+    }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
