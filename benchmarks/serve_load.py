@@ -116,11 +116,13 @@ class Server:
         self.thread.join(30)
 
 
-async def load(url: str, requests: list[dict], clients: int) -> dict:
+async def load(url: str, requests: list[tuple[int, dict]], clients: int) -> dict:
+    """Send (index, body) requests from `clients` concurrent clients; latencies, labels by
+    index, errors, and the wall time."""
     import httpx
 
-    latencies, labels, errors = [], [None] * len(requests), 0
-    queue = list(enumerate(requests))
+    latencies, labels, errors = [], {}, 0
+    queue = list(requests)
 
     async def client(http):
         nonlocal errors
@@ -136,21 +138,31 @@ async def load(url: str, requests: list[dict], clients: int) -> dict:
             latencies.append(time.perf_counter() - start)
 
     limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
-        await http.post("/v1/classify", json=requests[0])  # warm-up
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        await http.post("/v1/classify", json=requests[0][1])  # warm-up
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - start
+    return {"latencies": latencies, "labels": labels, "errors": errors, "seconds": wall}
+
+
+def summarise(parts: list[dict], n: int) -> dict:
+    latencies = [x for p in parts for x in p["latencies"]]
+    wall = sum(p["seconds"] for p in parts)
     q = statistics.quantiles(latencies, n=100)
     return {
-        "requests": len(requests),
+        "requests": n,
         "seconds": round(wall, 2),
-        "requests_per_second": round(len(requests) / wall, 2),
+        "requests_per_second": round(n / wall, 2),
         "p50_ms": round(q[49] * 1000, 1),
         "p99_ms": round(q[98] * 1000, 1),
-        "errors": errors,
-        "labels": labels,
+        "errors": sum(p["errors"] for p in parts),
+        "labels": {k: v for p in parts for k, v in p["labels"].items()},
     }
+
+
+def accuracy(labels: dict[int, str], gold: list[str]) -> float:
+    return round(sum(labels.get(i) == g for i, g in enumerate(gold)) / len(gold), 4)
 
 
 def switch_times(store, names: list[str], text: str, repeats: int = 3) -> dict:
@@ -191,6 +203,7 @@ def main() -> None:
     p.add_argument("--window-ms", type=float, default=5.0)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--port", type=int, default=8731)
+    p.add_argument("--rounds", type=int, default=4, help="alternating rounds per side")
     args = p.parse_args()
     from peft import PeftModel
 
@@ -235,15 +248,21 @@ def main() -> None:
     gold = [str(r.fields[task.label_field]) for r in picked]
 
     cfg = ServeConfig(window_ms=args.window_ms, max_batch=args.max_batch)
-    results = {}
-    for side in ("tunelab", "peft"):
-        app = create_app(store, cfg)
-        if side == "peft":
-            pad = store.backbone.tokenizer.pad_token_id
-            app.state.batcher.compute = peft_compute(peft_model, pad)
-        with Server(app, args.port + (side == "peft")) as server:
-            results[side] = asyncio.run(load(server.url, requests, args.clients))
+    pad = store.backbone.tokenizer.pad_token_id
+    apps = {"tunelab": create_app(store, cfg), "peft": create_app(store, cfg)}
+    apps["peft"].state.batcher.compute = peft_compute(peft_model, pad)
+    parts: dict[str, list[dict]] = {"tunelab": [], "peft": []}
+    indexed = list(enumerate(requests))
+    step = -(-len(indexed) // args.rounds)
+    with Server(apps["tunelab"], args.port) as s1, Server(apps["peft"], args.port + 1) as s2:
+        # alternating rounds: a change in the machine's other load hits both sides alike
+        for r in range(args.rounds):
+            chunk = indexed[r * step : (r + 1) * step]
+            for side, server in (("tunelab", s1), ("peft", s2))[:: 1 if r % 2 == 0 else -1]:
+                parts[side].append(asyncio.run(load(server.url, chunk, args.clients)))
+    results = {side: summarise(p, len(requests)) for side, p in parts.items()}
     a, b = results["tunelab"]["labels"], results["peft"]["labels"]
+    a, b = [a.get(i) for i in range(len(requests))], [b.get(i) for i in range(len(requests))]
     summary = {
         "machine_threads": torch.get_num_threads(),
         "tasks": TASKS,
@@ -252,13 +271,13 @@ def main() -> None:
         "max_batch": args.max_batch,
         **{
             side: {k: v for k, v in r.items() if k != "labels"}
-            | {"accuracy": round(sum(x == g for x, g in zip(r["labels"], gold)) / len(gold), 4)}
+            | {"accuracy": accuracy(r["labels"], gold)}
             for side, r in results.items()
         },
         "rps_ratio": round(
             results["tunelab"]["requests_per_second"] / results["peft"]["requests_per_second"], 2
         ),
-        "same_labels": sum(x == y for x, y in zip(a, b)),
+        "same_labels": sum(x == y and x is not None for x, y in zip(a, b)),
         "tunelab_switch": switch_times(store, [n for n, _ in artifacts], picked[0].fields["text"]),
         "tunelab_hot_load_ms_median": round(statistics.median(load_ms), 2),
         "tunelab_head_cache_build_ms_median": round(statistics.median(head_ms), 2),

@@ -50,11 +50,12 @@ def _artifact(model_dir: Path, task_path: Path, out: Path, method: str, **settin
     task = load_task(str(task_path))
     cfg = methods.CONFIGS[method](**settings)
     tuned = methods.get(method).build(backbone, cfg, Verbalizer.build(task, backbone.tokenizer), 3)
-    if method == "lora":  # LoRA's B starts at zero; move it so the adapter changes the output
+    if method in ("lora", "freeze"):  # move the weights off the base model's (LoRA's B is 0)
+        torch.manual_seed(len(str(out)))
         with torch.no_grad():
-            for n, p in tuned.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
+            for _, p in tuned.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.3)
     save_artifact(out, method, cfg, tuned, task, backbone)
     return out
 
@@ -81,6 +82,9 @@ def artifacts(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
                             num_virtual_tokens=3),
         "head": _artifact(tiny_model_dir, plain, root / "a-head", "head", init="random"),
         "lora": _artifact(tiny_model_dir, review, root / "a-lora", "lora", r=2, dropout=0.0),
+        "lora2": _artifact(tiny_model_dir, plain, root / "a-lora2", "lora", r=4,
+                           target_modules="q_proj,v_proj"),
+        "freeze": _artifact(tiny_model_dir, plain, root / "a-freeze", "freeze", train_top=1),
         "sql": _artifact(tiny_model_dir, sql / "task.yaml", root / "a-sql", "prompt-tuning",
                          num_virtual_tokens=2, init="random"),
     }
@@ -105,22 +109,26 @@ def _examples(entry, texts):
 
 def test_mixed_batch_equals_one_task_batches_and_the_uncached_path(store):
     from tunelab.evaluate.predict import predict_logprobs
-    from tunelab.serve.forward import classify_mixed
+    from tunelab.serve.forward import classify_mixed, task_routing
 
     pad = store.backbone.tokenizer.pad_token_id
     names = [n for n in store.tasks if n != "sql"]
-    jobs = [(store.get(n), _examples(store.get(n), TEXTS[i % 3 : i % 3 + 3]))
+    # each task its own slice of texts: rows of different lengths and tasks side by side
+    jobs = [(store.get(n), _examples(store.get(n), TEXTS[i % 3 : i % 3 + 4]))
             for i, n in enumerate(names)]
     mixed = classify_mixed(jobs, pad)
     for (entry, examples), got in zip(jobs, mixed):
         alone = classify_mixed([(entry, examples)], pad)[0]
-        plain = predict_logprobs(entry.tuned, examples, entry.prep.verbalizer, pad)
+        with task_routing(entry):  # the uncached path, without the head cache or mixing
+            plain = predict_logprobs(entry.tuned, examples, entry.prep.verbalizer, pad)
         assert torch.allclose(got, alone, atol=1e-5), entry.name
         assert torch.allclose(got, plain, atol=1e-4), entry.name
         assert got.argmax(-1).tolist() == plain.argmax(-1).tolist()
-    # the tasks really differ: the same text does not score the same everywhere
-    firsts = {tuple(m[0].tolist()) for m in mixed[:2]}
-    assert len(firsts) == 2
+    # same template and texts, different adapters: the routing really changes the scores
+    same = {n: classify_mixed([(store.get(n), _examples(store.get(n), TEXTS))], pad)[0]
+            for n in ("sst", "lora2", "head")}
+    assert not torch.allclose(same["sst"], same["lora2"], atol=1e-3)
+    assert not torch.allclose(same["head"], same["lora2"], atol=1e-3)
 
 
 def test_length_chunks_bound_padding():
@@ -193,7 +201,7 @@ def client(store):
 def test_classify_matches_tunelab_predict(client, artifacts, capsys):
     from tunelab.__main__ import main
 
-    for name in ("sst", "multi", "prefix", "lora"):
+    for name in ("sst", "multi", "prefix", "lora", "lora2", "freeze"):
         r = client.post("/v1/classify", json={"task": name, "inputs": TEXTS[:4]})
         assert r.status_code == 200, r.text
         got = r.json()["results"]
@@ -206,7 +214,7 @@ def test_classify_matches_tunelab_predict(client, artifacts, capsys):
 
 
 def test_concurrent_requests_of_different_tasks_share_batches(client):
-    names = ["sst", "review", "multi", "prefix", "head", "lora"]
+    names = ["sst", "review", "multi", "prefix", "head", "lora", "lora2", "freeze"]
     alone = {n: client.post("/v1/classify", json={"task": n, "inputs": TEXTS}).json()
              for n in names}
     before = _metric(client, "tunelab_batch_requests_count")
@@ -232,6 +240,13 @@ def test_concurrent_requests_of_different_tasks_share_batches(client):
                 )
 
 
+def _assert_same(got: dict, want: dict) -> None:
+    got, want = got["results"], want["results"]
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    for g, w in zip(got, want):
+        assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-4)
+
+
 def _metric(client, name: str) -> float:
     text = client.get("/metrics").text
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
@@ -242,7 +257,7 @@ def test_tasks_health_metrics_openapi_and_generate(client, artifacts, capsys):
 
     tasks = {t["name"]: t for t in client.get("/v1/tasks").json()}
     assert set(tasks) >= {"sst", "review", "multi", "prefix", "head", "lora", "sql"}
-    assert tasks["sst"]["backbone"] == "shared" and tasks["lora"]["backbone"] == "own"
+    assert [tasks[n]["backbone"] for n in ("sst", "lora", "freeze")] == ["shared", "shared", "own"]
     assert tasks["sst"]["labels"] == ["positive", "negative"]
     assert tasks["sql"]["kind"] == "generation"
     health = client.get("/health").json()
@@ -326,6 +341,16 @@ def test_hot_load_unload_and_refused_artifacts(client, artifacts, tmp_path):
         assert client.get("/health").json()["status"] == "ok"
         assert "bad" not in [t["name"] for t in client.get("/v1/tasks").json()]
     assert client.post("/v1/classify", json={"task": "sst", "inputs": ["good"]}).status_code == 200
+
+    # a LoRA adapter joins the shared backbone beside the others, and leaves without a trace
+    lora_before = client.post("/v1/classify", json={"task": "lora", "inputs": TEXTS}).json()
+    r = client.post("/v1/tasks", json={"name": "lora.copy", "path": str(artifacts["lora"])})
+    assert r.status_code == 201 and r.json()["backbone"] == "shared", r.text
+    copy = client.post("/v1/classify", json={"task": "lora.copy", "inputs": TEXTS}).json()
+    assert client.delete("/v1/tasks/lora.copy").status_code == 200
+    lora_after = client.post("/v1/classify", json={"task": "lora", "inputs": TEXTS}).json()
+    _assert_same(copy, lora_before)
+    _assert_same(lora_after, lora_before)
 
     assert client.delete("/v1/tasks/sst-copy").json() == {"unloaded": "sst-copy"}
     gone = client.post("/v1/classify", json={"task": "sst-copy", "inputs": ["x"]})

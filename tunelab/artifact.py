@@ -82,10 +82,12 @@ def read_meta(path: Path) -> dict:
         raise TunelabError(f"{meta_path}: cannot read: {e}") from None
 
 
-def load_artifact(path: Path, backbone: Backbone | None = None):
+def load_artifact(path: Path, backbone: Backbone | None = None, lora_name: str | None = None):
     """(tuned model, task spec, meta, backbone) from an artifact directory.
 
     The base model is checked by fingerprint and the tensors by shape before anything runs.
+    `lora_name`: a LoRA artifact's adapter joins the backbone's others under this name (the
+    server routes each row to its own adapter) instead of being its only adapter.
     """
     meta = read_meta(path)
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth"))
@@ -100,6 +102,9 @@ def load_artifact(path: Path, backbone: Backbone | None = None):
             f"{backbone.fingerprint}"
         )
     cfg = methods.CONFIGS[meta["method"]](**meta["method_config"])
-    tuned = methods.get(meta["method"]).restore(backbone, cfg, path)
+    if lora_name is not None and meta["method"] == "lora":
+        tuned = methods.lora.restore(backbone, cfg, path, adapter_name=lora_name)
+    else:
+        tuned = methods.get(meta["method"]).restore(backbone, cfg, path)
     task = TaskSpec.from_dict(meta["task"], source=str(path / META))
     return tuned, task, meta, backbone

@@ -47,12 +47,12 @@ class LoraSettings:
         )
 
 
-def inject(model, settings: LoraSettings) -> None:
+def inject(model, settings: LoraSettings, adapter_name: str = "default") -> None:
     """Add LoRA layers to `model` in place; only they train."""
     from peft import inject_adapter_in_model
 
     try:
-        inject_adapter_in_model(settings.peft_config(), model)
+        inject_adapter_in_model(settings.peft_config(), model, adapter_name=adapter_name)
     except ValueError as e:
         raise TunelabError(f"target_modules={settings.target_modules!r}: {e}") from None
     for name, p in model.named_parameters():
@@ -69,19 +69,22 @@ def save_lora(model, settings: LoraSettings, out: Path, base_path: str) -> None:
     atomic_save(tensors, out / ADAPTER_WEIGHTS, {"format": "pt"})
 
 
-def load_lora(model, settings: LoraSettings, out: Path) -> None:
-    """Inject LoRA layers into `model` and fill them from a PEFT-format adapter directory."""
+def load_lora(model, settings: LoraSettings, out: Path, adapter_name: str = "default") -> None:
+    """Inject LoRA layers into `model` and fill them from a PEFT-format adapter directory (as
+    `adapter_name`, beside any adapters the model already holds)."""
     from peft import set_peft_model_state_dict
 
     path = out / ADAPTER_WEIGHTS
     if not path.is_file():
         raise TunelabError(f"{path}: missing")
     tensors, _ = load(path)
-    inject(model, settings)
+    inject(model, settings, adapter_name)
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
     own = {n for n, _ in model.named_parameters() if "lora_" in n}
     for key, value in state.items():
-        name = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        name = key.replace(".lora_A.", f".lora_A.{adapter_name}.").replace(
+            ".lora_B.", f".lora_B.{adapter_name}."
+        )
         if name not in own:
             raise TunelabError(f"{path}: tensor {key!r} has no place in this model")
         want = tuple(dict(model.named_parameters())[name].shape)
@@ -90,7 +93,7 @@ def load_lora(model, settings: LoraSettings, out: Path) -> None:
                 f"{path}: tensor {key!r} has shape {tuple(value.shape)}, but this "
                 f"model and config need {want}"
             )
-    set_peft_model_state_dict(model, state)
+    set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     set_trainable(model, False)
 
 
@@ -106,6 +109,6 @@ def save_files(tuned: TunedLM, cfg: LoraSettings, out: Path, base_path: str) -> 
     save_lora(tuned.model, cfg, out, base_path)
 
 
-def restore(backbone, cfg: LoraSettings, out: Path) -> TunedLM:
-    load_lora(backbone.model, cfg, out)
+def restore(backbone, cfg: LoraSettings, out: Path, adapter_name: str = "default") -> TunedLM:
+    load_lora(backbone.model, cfg, out, adapter_name)
     return TunedLM(backbone.model, bos_id=backbone.tokenizer.bos_token_id)

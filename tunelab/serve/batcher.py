@@ -18,7 +18,7 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.evaluate.cli import _record
 from tunelab.evaluate.generate import greedy_generate
-from tunelab.serve.forward import classify_mixed
+from tunelab.serve.forward import classify_mixed, task_routing
 from tunelab.tasks.encode import Example, encode
 from tunelab.tasks.readers import Record
 
@@ -95,7 +95,7 @@ class Batcher:
         task = entry.task
 
         def work():
-            with torch.no_grad():
+            with torch.no_grad(), task_routing(entry):
                 return greedy_generate(
                     entry.tuned,
                     examples,

@@ -12,6 +12,7 @@ classification head. Scores equal the uncached path (`tunelab predict`) up to fl
 from __future__ import annotations
 
 import string
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +44,13 @@ class HeadCache:
             m += 1
         if self.n_prompt and m < self.prompt_at:
             return None
-        return self.n_prefix + m + (self.n_prompt if self.n_prompt else 0)
+        return self.n_prefix + m + self.n_prompt
 
 
 def fixed_text(template: str) -> str:
     """The template's text before its first placeholder (what every prompt starts with)."""
-    for literal, name, _, _ in string.Formatter().parse(template):
-        return literal if name is not None or literal else ""
+    for literal, _, _, _ in string.Formatter().parse(template):
+        return literal
     return ""
 
 
@@ -101,8 +102,39 @@ def build_head(tuned, task, tokenizer) -> HeadCache:
 
 def head_of(entry) -> HeadCache:
     if entry.head_cache is None:
-        entry.head_cache = build_head(entry.tuned, entry.task, entry.backbone.tokenizer)
+        with task_routing(entry):
+            entry.head_cache = build_head(entry.tuned, entry.task, entry.backbone.tokenizer)
     return entry.head_cache
+
+
+@contextmanager
+def routing(model, names):
+    """Route each row through its own LoRA adapter ("__base__": none) in the forward passes
+    inside, by PEFT's `adapter_names`; `names` is one name per row or a function of the batch
+    size. Once the backbone holds LoRA adapters, every pass must say which rows use which."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        yield
+        return
+
+    def hook(module, args, kwargs):
+        rows = (args[0] if args else kwargs["x"]).shape[0]
+        kwargs["adapter_names"] = names(rows) if callable(names) else names
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def task_routing(entry):
+    """Every row of these passes belongs to one task."""
+    return routing(entry.tuned.model, lambda rows: [entry.adapter or "__base__"] * rows)
 
 
 @torch.no_grad()
@@ -139,10 +171,13 @@ def stack_heads(heads: list[HeadCache], used: list[int], like: torch.Tensor):
     B, P = len(heads), max(used)
     ref = next(h for h, u in zip(heads, used) if u)
     L, H, _, Dh = ref.keys.shape
-    k = like.new_zeros(L, B, H, P, Dh)
-    v = like.new_zeros(L, B, H, P, Dh)
+    k = like.new_empty(L, B, H, P, Dh)
+    v = like.new_empty(L, B, H, P, Dh)
     mask = torch.zeros(B, P, dtype=torch.long, device=like.device)
     for b, (head, u) in enumerate(zip(heads, used)):
+        # masked slots still enter the attention product (with weight 0): zeros, not garbage
+        k[:, b, :, : P - u] = 0
+        v[:, b, :, : P - u] = 0
         if u:
             k[:, b, :, P - u :] = head.keys[:, :, :u]
             v[:, b, :, P - u :] = head.values[:, :, :u]
@@ -202,7 +237,8 @@ def classify_mixed(jobs: list[tuple[object, list[Example]]], pad: int) -> list[t
                     continue
                 kept.append(i)
                 m = u - head.n_prefix - head.n_prompt  # head tokens this row skips
-                rows += [(head, u, ids[m:], w) for ids, w in _rows(entry, ex)]
+                adapter = entry.adapter or "__base__"
+                rows += [(head, u, ids[m:], w, adapter) for ids, w in _rows(entry, ex)]
             spans[j] = (slice(start, len(rows)), kept)
         if rows:
             # the last K positions of every row: enough for the longest label word's tokens
@@ -210,9 +246,14 @@ def classify_mixed(jobs: list[tuple[object, list[Example]]], pad: int) -> list[t
             h = None
             for chunk in length_chunks([len(r[2]) for r in rows]):
                 part = [rows[i] for i in chunk]
-                hc = cached_hidden(  # (C, S, D), left-padded: each row ends at S - 1
-                    model, [r[0] for r in part], [r[1] for r in part], [r[2] for r in part], pad
-                )
+                with routing(model, [r[4] for r in part]):
+                    hc = cached_hidden(  # (C, S, D), left-padded: each row ends at S - 1
+                        model,
+                        [r[0] for r in part],
+                        [r[1] for r in part],
+                        [r[2] for r in part],
+                        pad,
+                    )
                 if h is None:
                     h = hc.new_zeros(len(rows), K, hc.size(-1))  # (R, K, D)
                 k = min(K, hc.size(1))
@@ -244,4 +285,5 @@ def _uncached(entry, examples: list[Example], pad: int) -> torch.Tensor:
     """The plain path (as `tunelab predict` scores) for rows that cannot use the head cache."""
     device = next(entry.tuned.parameters()).device
     batch = make_batch(entry.tuned, examples, entry.prep.verbalizer, pad, "left", device)
-    return label_logprobs(entry.tuned, batch, entry.prep.verbalizer)
+    with task_routing(entry):
+        return label_logprobs(entry.tuned, batch, entry.prep.verbalizer)

@@ -2,15 +2,15 @@
 
 Methods that leave the backbone's weights alone (prompt tuning, prefix tuning, a head on a
 frozen backbone) share the one backbone, so adding a task costs only its own tensors and its
-rows can run in the same forward pass as any other shared task's. Methods that change weights
-(LoRA, hybrid, freeze, full, a head with a trained backbone) get their own copy of the backbone:
-a fully fine-tuned model is its own backbone, and `/v1/tasks` says which is which.
+rows can run in the same forward pass as any other shared task's. LoRA adapters share it too:
+each is injected under its own adapter name and every row is routed to its task's adapter
+(PEFT's `adapter_names`; see forward.routing). Methods that change weights otherwise (hybrid,
+freeze, full, a head with a trained backbone) get their own copy of the backbone: a fully
+fine-tuned model is its own backbone, and `/v1/tasks` says which is which.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import re
 import threading
 from dataclasses import dataclass, field
@@ -21,13 +21,13 @@ import torch
 from tunelab.artifact import load_artifact, read_meta
 from tunelab.errors import TunelabError
 from tunelab.evaluate.cli import _max_length, _pool
-from tunelab.models import Backbone
+from tunelab.models import Backbone, load_backbone
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.tasks.spec import TaskSpec
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # methods whose artifacts never write into the backbone's weights
-SHARING_METHODS = ("prompt-tuning", "prefix", "head")
+SHARING_METHODS = ("prompt-tuning", "prefix", "head", "lora")
 
 
 def shares_backbone(meta: dict) -> bool:
@@ -46,6 +46,7 @@ class TaskEntry:
     prep: PreparedTask  # template, verbalizer, demonstration pool, max length; no data
     backbone: Backbone
     shared: bool  # runs on the store's shared backbone (else on its own copy)
+    adapter: str | None = None  # its LoRA adapter's name inside the shared backbone
     head_cache: object = None  # forward.HeadCache, built on first use
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -76,6 +77,7 @@ class AdapterStore:
         self.device = device
         self.backbone.model.to(device).eval()
         self.tasks: dict[str, TaskEntry] = {}
+        self._loras = 0  # adapter names are lora1, lora2, ... (task names may hold dots)
 
     def load(self, name: str, path: Path) -> TaskEntry:
         """Load an artifact under `name`; a bad one raises TunelabError and changes nothing."""
@@ -93,26 +95,48 @@ class AdapterStore:
         shared = shares_backbone(meta)
         backbone = self.backbone
         if not shared:
-            # the artifact writes into weights (LoRA layers, fine-tuned blocks): a private copy
-            backbone = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
+            # the artifact writes into weights (fine-tuned blocks, a hybrid's LoRA core): a
+            # private copy, read afresh (the shared one may hold LoRA layers by now)
+            backbone = load_backbone(self.backbone.name)
+        adapter = None
+        if meta["method"] == "lora":
+            self._loras += 1
+            adapter = f"lora{self._loras}"
         try:
-            tuned, task, meta, backbone = load_artifact(path, backbone)
+            tuned, task, meta, backbone = load_artifact(path, backbone, lora_name=adapter)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             # a hand-edited tunelab.json or a tensor file that is not safetensors
+            remove_adapter(self.backbone.model, adapter)
             raise TunelabError(f"{path}: cannot load this artifact: {e}") from None
+        except TunelabError:
+            remove_adapter(self.backbone.model, adapter)  # e.g. its shapes were refused
+            raise
         tuned.to(self.device).eval()
         prep = PreparedTask.load(
             task, backbone.tokenizer, _max_length(meta), splits={}, demo_pool=_pool(meta)
         )
-        entry = TaskEntry(name, path, meta["method"], tuned, prep, backbone, shared)
+        entry = TaskEntry(name, path, meta["method"], tuned, prep, backbone, shared, adapter)
         self.tasks[name] = entry
         return entry
 
     def unload(self, name: str) -> TaskEntry:
-        return self.tasks.pop(name)
+        entry = self.tasks.pop(name)
+        remove_adapter(entry.tuned.model, entry.adapter)
+        return entry
 
     def get(self, name: str) -> TaskEntry | None:
         return self.tasks.get(name)
 
     def describe(self) -> list[dict]:
         return [e.describe() for e in self.tasks.values()]
+
+
+def remove_adapter(model, adapter: str | None) -> None:
+    """Take a LoRA adapter out of every layer that holds it (the others stay)."""
+    if adapter is None:
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and adapter in getattr(module, "lora_A", {}):
+            module.delete_adapter(adapter)
