@@ -50,7 +50,7 @@ def _artifact(model_dir: Path, task_path: Path, out: Path, method: str, **settin
     task = load_task(str(task_path))
     cfg = methods.CONFIGS[method](**settings)
     tuned = methods.get(method).build(backbone, cfg, Verbalizer.build(task, backbone.tokenizer), 3)
-    if method in ("lora", "freeze"):  # move the weights off the base model's (LoRA's B is 0)
+    if method in ("lora", "freeze", "hybrid"):  # off the base model's weights (LoRA's B is 0)
         torch.manual_seed(len(str(out)))
         with torch.no_grad():
             for _, p in tuned.named_parameters():
@@ -85,6 +85,8 @@ def artifacts(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
         "lora2": _artifact(tiny_model_dir, plain, root / "a-lora2", "lora", r=4,
                            target_modules="q_proj,v_proj"),
         "freeze": _artifact(tiny_model_dir, plain, root / "a-freeze", "freeze", train_top=1),
+        "hybrid": _artifact(tiny_model_dir, review, root / "a-hybrid", "hybrid", r=2,
+                            num_virtual_tokens=3, dropout=0.0),
         "sql": _artifact(tiny_model_dir, sql / "task.yaml", root / "a-sql", "prompt-tuning",
                          num_virtual_tokens=2, init="random"),
     }
@@ -201,7 +203,7 @@ def client(store):
 def test_classify_matches_tunelab_predict(client, artifacts, capsys):
     from tunelab.__main__ import main
 
-    for name in ("sst", "multi", "prefix", "lora", "lora2", "freeze"):
+    for name in ("sst", "multi", "prefix", "lora", "lora2", "freeze", "hybrid"):
         r = client.post("/v1/classify", json={"task": name, "inputs": TEXTS[:4]})
         assert r.status_code == 200, r.text
         got = r.json()["results"]
@@ -257,7 +259,8 @@ def test_tasks_health_metrics_openapi_and_generate(client, artifacts, capsys):
 
     tasks = {t["name"]: t for t in client.get("/v1/tasks").json()}
     assert set(tasks) >= {"sst", "review", "multi", "prefix", "head", "lora", "sql"}
-    assert [tasks[n]["backbone"] for n in ("sst", "lora", "freeze")] == ["shared", "shared", "own"]
+    backbones = [tasks[n]["backbone"] for n in ("sst", "lora", "hybrid", "freeze")]
+    assert backbones == ["shared", "shared", "shared", "own"]
     assert tasks["sst"]["labels"] == ["positive", "negative"]
     assert tasks["sql"]["kind"] == "generation"
     health = client.get("/health").json()

@@ -102,8 +102,8 @@ def load_artifact(path: Path, backbone: Backbone | None = None, lora_name: str |
             f"{backbone.fingerprint}"
         )
     cfg = methods.CONFIGS[meta["method"]](**meta["method_config"])
-    if lora_name is not None and meta["method"] == "lora":
-        tuned = methods.lora.restore(backbone, cfg, path, adapter_name=lora_name)
+    if lora_name is not None and meta["method"] in ("lora", "hybrid"):
+        tuned = methods.get(meta["method"]).restore(backbone, cfg, path, adapter_name=lora_name)
     else:
         tuned = methods.get(meta["method"]).restore(backbone, cfg, path)
     task = TaskSpec.from_dict(meta["task"], source=str(path / META))

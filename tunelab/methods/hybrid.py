@@ -93,9 +93,9 @@ def save_files(tuned: TunedLM, cfg: HybridConfig, out: Path, base_path: str) -> 
     )
 
 
-def restore(backbone, cfg: HybridConfig, out: Path) -> TunedLM:
+def restore(backbone, cfg: HybridConfig, out: Path, adapter_name: str = "default") -> TunedLM:
     settings = _core_settings(Path(cfg.core)) if cfg.core else cfg.lora_settings()
-    lora.load_lora(backbone.model, settings, out)
+    lora.load_lora(backbone.model, settings, out, adapter_name)
     prompt = prompt_tuning.load_prompt(backbone, cfg.prompt_config(), out / PROMPT_DIR)
     set_trainable(backbone.model, False)
     return TunedLM(backbone.model, prompt, backbone.tokenizer.bos_token_id)

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> None:
     """Serve task artifacts over HTTP on one backbone: POST /v1/classify, /v1/generate,
     GET/POST /v1/tasks, DELETE /v1/tasks/NAME, /health, /metrics, /openapi.json."""
     try:
+        import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         raise TunelabError("serve needs its extra: pip install 'tunelab[serve]'") from None

@@ -2,11 +2,11 @@
 
 Methods that leave the backbone's weights alone (prompt tuning, prefix tuning, a head on a
 frozen backbone) share the one backbone, so adding a task costs only its own tensors and its
-rows can run in the same forward pass as any other shared task's. LoRA adapters share it too:
-each is injected under its own adapter name and every row is routed to its task's adapter
-(PEFT's `adapter_names`; see forward.routing). Methods that change weights otherwise (hybrid,
-freeze, full, a head with a trained backbone) get their own copy of the backbone: a fully
-fine-tuned model is its own backbone, and `/v1/tasks` says which is which.
+rows can run in the same forward pass as any other shared task's. LoRA adapters (and a hybrid's
+LoRA core) share it too: each is injected under its own adapter name and every row is routed to
+its task's adapter (PEFT's `adapter_names`; see forward.routing). Methods that change weights
+otherwise (freeze, full, a head with a trained backbone) get their own copy of the backbone: a
+fully fine-tuned model is its own backbone, and `/v1/tasks` says which is which.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from tunelab.tasks.spec import TaskSpec
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # methods whose artifacts never write into the backbone's weights
-SHARING_METHODS = ("prompt-tuning", "prefix", "head", "lora")
+SHARING_METHODS = ("prompt-tuning", "prefix", "head", "lora", "hybrid")
+LORA_METHODS = ("lora", "hybrid")  # routed per row to their own adapter
 
 
 def shares_backbone(meta: dict) -> bool:
@@ -99,7 +100,7 @@ class AdapterStore:
             # private copy, read afresh (the shared one may hold LoRA layers by now)
             backbone = load_backbone(self.backbone.name)
         adapter = None
-        if meta["method"] == "lora":
+        if meta["method"] in LORA_METHODS:
             self._loras += 1
             adapter = f"lora{self._loras}"
         try:
