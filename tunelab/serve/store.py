@@ -12,8 +12,7 @@ fully fine-tuned model is its own backbone, and `/v1/tasks` says which is which.
 from __future__ import annotations
 
 import re
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from tunelab.tasks.prepared import PreparedTask
 from tunelab.tasks.spec import TaskSpec
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# methods whose artifacts never write into the backbone's weights
+# methods that run on the shared backbone: their tensors sit beside its weights, not in them
 SHARING_METHODS = ("prompt-tuning", "prefix", "head", "lora", "hybrid")
 LORA_METHODS = ("lora", "hybrid")  # routed per row to their own adapter
 
@@ -49,7 +48,6 @@ class TaskEntry:
     shared: bool  # runs on the store's shared backbone (else on its own copy)
     adapter: str | None = None  # its LoRA adapter's name inside the shared backbone
     head_cache: object = None  # forward.HeadCache, built on first use
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def task(self) -> TaskSpec:
