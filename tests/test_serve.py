@@ -89,6 +89,10 @@ def artifacts(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
                             num_virtual_tokens=3, dropout=0.0),
         "sql": _artifact(tiny_model_dir, sql / "task.yaml", root / "a-sql", "prompt-tuning",
                          num_virtual_tokens=2, init="random"),
+        "sql-prefix": _artifact(tiny_model_dir, sql / "task.yaml", root / "a-sql-prefix",
+                                "prefix", num_virtual_tokens=2),
+        "sql-lora": _artifact(tiny_model_dir, sql / "task.yaml", root / "a-sql-lora", "lora",
+                              r=2, dropout=0.0),
     }
 
 
@@ -114,7 +118,7 @@ def test_mixed_batch_equals_one_task_batches_and_the_uncached_path(store):
     from tunelab.serve.forward import classify_mixed, task_routing
 
     pad = store.backbone.tokenizer.pad_token_id
-    names = [n for n in store.tasks if n != "sql"]
+    names = [n for n in store.tasks if not store.get(n).task.is_generation]
     # each task its own slice of texts: rows of different lengths and tasks side by side
     jobs = [(store.get(n), _examples(store.get(n), TEXTS[i % 3 : i % 3 + 4]))
             for i, n in enumerate(names)]
@@ -131,6 +135,26 @@ def test_mixed_batch_equals_one_task_batches_and_the_uncached_path(store):
             for n in ("sst", "lora2", "head")}
     assert not torch.allclose(same["sst"], same["lora2"], atol=1e-3)
     assert not torch.allclose(same["head"], same["lora2"], atol=1e-3)
+
+
+def test_mixed_generation_equals_one_task_generation(store):
+    from tunelab.evaluate.generate import greedy_generate
+    from tunelab.serve.decode import generate_mixed
+    from tunelab.serve.forward import task_routing
+
+    pad = store.backbone.tokenizer.pad_token_id
+    questions = [f"How many {t} rows are there?" for t in TABLES] + ["Name every singer ."]
+    # the same questions for three tasks, in one batch with a fourth request's shorter limit
+    jobs = [(store.get(n), _examples(store.get(n), qs), limit)
+            for n, qs, limit in [("sql", questions[:3], 12), ("sql-prefix", questions[:3], 12),
+                                 ("sql-lora", questions[:3], 12), ("sql", questions[2:], 3)]]
+    mixed = generate_mixed(jobs, pad)
+    for (entry, examples, limit), got in zip(jobs, mixed):
+        with task_routing(entry):
+            want = greedy_generate(entry.tuned, examples, entry.backbone.tokenizer, limit,
+                                   entry.task.generation.stop)
+        assert got == want, entry.name
+    assert len({tuple(m) for m in mixed[:3]}) == 3  # each task's adapter makes a difference
 
 
 def test_length_chunks_bound_padding():

@@ -1,9 +1,10 @@
 """Gathering concurrent requests into mixed-task batches.
 
 Requests wait at most `window_ms` for company, up to `max_batch` inputs; then one worker thread
-runs the batch (rows of every task on the shared backbone in one forward pass, see
-forward.py). The same single worker also runs generation, artifact loads and unloads, so the
-models are never used by two threads at once and the event loop stays free to accept requests.
+runs the batch (rows of every task on the shared backbone in the same forward passes, see
+forward.py; generation requests gather the same way, see decode.py). The same single worker
+also runs artifact loads and unloads, so the models are never used by two threads at once and
+the event loop stays free to accept requests.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.cli import _record
-from tunelab.evaluate.generate import greedy_generate
-from tunelab.serve.forward import classify_mixed, task_routing
+from tunelab.serve.decode import generate_mixed
+from tunelab.serve.forward import classify_mixed
 from tunelab.tasks.encode import Example, encode
 from tunelab.tasks.readers import Record
 
@@ -53,7 +54,7 @@ class _Job:
     entry: object
     examples: list[Example]
     future: asyncio.Future
-    queued: float
+    max_tokens: int | None = None  # generation only
 
 
 class Batcher:
@@ -66,82 +67,71 @@ class Batcher:
         # jobs [(task entry, examples)] -> [(N, C) log-probabilities]; a benchmark swaps in its
         # peer's way of running the same batches
         self.compute = classify_mixed
-        self.queue: asyncio.Queue[_Job] | None = None
-        self._task: asyncio.Task | None = None
+        self.queues: dict[str, asyncio.Queue[_Job]] = {}
+        self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self.queue = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        loop = asyncio.get_running_loop()
+        self.queues = {"classify": asyncio.Queue(), "generate": asyncio.Queue()}
+        self._tasks = [loop.create_task(self._loop(kind)) for kind in self.queues]
 
     async def stop(self) -> None:
         """Finish every queued request, then stop the worker."""
-        while self.queue is not None and not self.queue.empty():
+        while any(not q.empty() for q in self.queues.values()):
             await asyncio.sleep(self.window or 0.001)
-        if self._task is not None:
-            self._task.cancel()
+        for t in self._tasks:
+            t.cancel()
         self.executor.shutdown(wait=True)
 
     async def run(self, fn, *args):
-        """Run `fn` on the model thread (loads, unloads, generation)."""
+        """Run `fn` on the model thread (every use of the models goes through here)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def classify(self, entry, examples: list[Example]) -> torch.Tensor:
         """(N, C) label log-probabilities, computed in whatever batch the request joins."""
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Job(entry, examples, future, time.perf_counter()))
+        await self.queues["classify"].put(_Job(entry, examples, future))
         return await future
 
     async def generate(self, entry, examples: list[Example], max_tokens: int) -> list[str]:
-        task = entry.task
+        """Greedy continuations, decoded together with other requests' rows of any task."""
+        future = asyncio.get_running_loop().create_future()
+        await self.queues["generate"].put(_Job(entry, examples, future, max_tokens))
+        return await future
 
-        def work():
-            with torch.no_grad(), task_routing(entry):
-                return greedy_generate(
-                    entry.tuned,
-                    examples,
-                    entry.backbone.tokenizer,
-                    max_tokens,
-                    task.generation.stop,
-                )
-
-        return await self.run(work)
-
-    async def _gather(self) -> list[_Job]:
-        jobs = [await self.queue.get()]
+    async def _gather(self, queue: asyncio.Queue) -> list[_Job]:
+        jobs = [await queue.get()]
         size = len(jobs[0].examples)
         deadline = time.perf_counter() + self.window
         while size < self.max_batch:
             left = deadline - time.perf_counter()
-            if left <= 0 and self.queue.empty():
+            if left <= 0 and queue.empty():
                 break
             try:
-                job = await asyncio.wait_for(self.queue.get(), timeout=max(left, 0))
+                job = await asyncio.wait_for(queue.get(), timeout=max(left, 0))
             except (asyncio.TimeoutError, TimeoutError):
                 break
             if size + len(job.examples) > self.max_batch:
-                await self._requeue_first(job)  # it starts the next batch
+                _requeue_first(queue, job)  # it starts the next batch
                 break
             jobs.append(job)
             size += len(job.examples)
         return jobs
 
-    async def _requeue_first(self, job: _Job) -> None:
-        rest = []
-        while not self.queue.empty():
-            rest.append(self.queue.get_nowait())
-        for j in [job, *rest]:
-            self.queue.put_nowait(j)
-
-    async def _loop(self) -> None:
+    async def _loop(self, kind: str) -> None:
+        queue = self.queues[kind]
         while True:
-            jobs = await self._gather()
+            jobs = await self._gather(queue)
             live = [j for j in jobs if not j.future.done()]  # a client may have gone away
             if not live:
                 continue
             try:
-                outs = await self.run(
-                    self.compute, [(j.entry, j.examples) for j in live], self.pad_id
-                )
+                if kind == "classify":
+                    args = [(j.entry, j.examples) for j in live]
+                    outs = await self.run(self.compute, args, self.pad_id)
+                else:
+                    args = [(j.entry, j.examples, j.max_tokens) for j in live]
+                    outs = await self.run(generate_mixed, args, self.pad_id)
             except Exception as e:  # one bad batch fails its requests, not the server
                 for j in live:
                     if not j.future.done():
@@ -152,3 +142,11 @@ class Batcher:
             for j, out in zip(live, outs):
                 if not j.future.done():
                     j.future.set_result(out)
+
+
+def _requeue_first(queue: asyncio.Queue, job: _Job) -> None:
+    rest = []
+    while not queue.empty():
+        rest.append(queue.get_nowait())
+    for j in [job, *rest]:
+        queue.put_nowait(j)

@@ -1,0 +1,93 @@
+"""Greedy generation for rows of many tasks at once, each row continuing its own task's cached
+head (soft prompt, prefix, fixed template text) and stopping by its own task's rules: the same
+decoding as `tunelab predict` (tunelab/evaluate/generate.py), batched across tasks."""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.evaluate.generate import cut_at_stop, greedy_generate
+from tunelab.serve.forward import head_of, length_chunks, routing, stack_heads, task_routing
+from tunelab.tasks.batch import _pad
+from tunelab.tasks.encode import Example
+
+
+@torch.no_grad()
+def _decode_chunk(model, tokenizer, rows: list[tuple], pad: int) -> list[str]:
+    """rows: (head, used slots, suffix ids, adapter, max tokens, stop strings) -> texts."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids, mask = _pad([r[2] for r in rows], pad, "left")
+    ids, mask = ids.to(device), mask.to(device)
+    embeds = model.get_input_embeddings()(ids)  # (B, S, D)
+    used = torch.tensor([r[1] for r in rows], device=device)
+    pos = used[:, None] + (mask.cumsum(1) - 1).clamp(min=0)  # positions go on after the head
+    if int(used.max()) > 0:
+        cache, hmask = stack_heads([r[0] for r in rows], [r[1] for r in rows], embeds)
+        mask = torch.cat([hmask, mask], 1)
+    else:
+        cache = DynamicCache()
+    limits = torch.tensor([r[4] for r in rows], device=device)
+    B = len(rows)
+    generated = torch.empty(B, 0, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    with routing(model, [r[3] for r in rows]):
+        for step in range(int(limits.max())):
+            h = model.base_model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
+            nxt = model.get_output_embeddings()(h[:, -1]).argmax(-1).masked_fill(done, pad)
+            generated = torch.cat([generated, nxt[:, None]], 1)
+            done |= (nxt == tokenizer.eos_token_id) | (step + 1 >= limits)
+            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            done |= torch.tensor(
+                [any(s in t for s in r[5] if s) for t, r in zip(texts, rows)], device=device
+            )
+            if bool(done.all()):
+                break
+            embeds = model.get_input_embeddings()(nxt[:, None])  # (B, 1, D)
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            pos = pos[:, -1:] + 1
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+    return [cut_at_stop(t, r[5]).strip() for t, r in zip(texts, rows)]
+
+
+@torch.no_grad()
+def generate_mixed(jobs: list[tuple[object, list[Example], int]], pad: int) -> list[list[str]]:
+    """The greedy continuation of each example of each (task entry, examples, max tokens) job;
+    jobs of tasks on one backbone decode together."""
+    results: list[list[str]] = [[""] * len(ex) for _, ex, _ in jobs]
+    by_model: dict[int, list[int]] = {}
+    for j, (entry, _, _) in enumerate(jobs):
+        by_model.setdefault(id(entry.tuned.model), []).append(j)
+    for group in by_model.values():
+        entry0 = jobs[group[0]][0]
+        rows, where = [], []  # where: (job, example) of each row
+        for j in group:
+            entry, examples, limit = jobs[j]
+            head = head_of(entry)
+            stop = entry.task.generation.stop
+            for i, ex in enumerate(examples):
+                u = head.slots_for(ex.ids)
+                if u is None:  # the row does not start like its head: the plain path
+                    with task_routing(entry):
+                        results[j][i] = greedy_generate(
+                            entry.tuned, [ex], entry.backbone.tokenizer, limit, stop
+                        )[0]
+                    continue
+                m = u - head.n_prefix - head.n_prompt
+                rows.append((head, u, ex.ids[m:], entry.adapter or "__base__", limit, stop))
+                where.append((j, i))
+        for chunk in length_chunks([len(r[2]) for r in rows]):
+            texts = _decode_chunk(
+                entry0.tuned.model, entry0.backbone.tokenizer, [rows[k] for k in chunk], pad
+            )
+            for k, text in zip(chunk, texts):
+                j, i = where[k]
+                results[j][i] = text
+    return results
