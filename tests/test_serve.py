@@ -338,7 +338,7 @@ def test_hot_load_unload_and_refused_artifacts(client, artifacts, tmp_path):
 
     r = client.post("/v1/tasks", json={"name": "sst-copy", "path": str(artifacts["sst"])})
     assert r.status_code == 201, r.text
-    assert r.json()["backbone"] == "shared"
+    assert r.json()["backbone"] == "shared" and r.json()["cached_prefix_slots"] > 4
     a = client.post("/v1/classify", json={"task": "sst-copy", "inputs": TEXTS}).json()
     b = client.post("/v1/classify", json={"task": "sst", "inputs": TEXTS}).json()
     assert [x["label"] for x in a["results"]] == [x["label"] for x in b["results"]]

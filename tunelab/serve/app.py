@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from tunelab.errors import TunelabError
 from tunelab.evaluate.cli import _distribution
 from tunelab.serve.batcher import Batcher, encode_inputs
+from tunelab.serve.forward import head_of
 from tunelab.serve.metrics import Metrics
 from tunelab.serve.store import AdapterStore
 
@@ -238,6 +239,7 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
             entry = await batcher.run(store.load, req.name, Path(req.path))
         except TunelabError as e:
             raise HTTPException(422, str(e)) from None
+        await batcher.run(head_of, entry)  # its cached head now, not in its first request
         return entry.describe()
 
     @app.delete("/v1/tasks/{name}")

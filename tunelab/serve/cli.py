@@ -78,8 +78,10 @@ def build(args: argparse.Namespace):
         api_key=args.api_key or os.environ.get("TUNELAB_API_KEY") or None,
     )
     store = AdapterStore(load_backbone(model), resolve_device(args.device))
+    from tunelab.serve.forward import head_of
+
     for name, path in adapters:
-        store.load(name, path)
+        head_of(store.load(name, path))  # each task's cached head before the first request
     return create_app(store, cfg), store
 
 
