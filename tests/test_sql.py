@@ -7,6 +7,7 @@ import json
 import sqlite3
 
 import pytest
+import torch
 from conftest import SHARED_DATA, needs_shared_data, write_jsonl
 
 from tunelab.__main__ import main
@@ -281,6 +282,13 @@ def test_a_tiny_model_learns_sql_and_eval_reports_execution_accuracy(
     # the untrained model, by comparison, writes no working SQL
     assert main(["eval", "--task", str(task), "--model", str(tiny_model_dir)]) == 0
     assert "zero-shot: execution accuracy 0.0000" in capsys.readouterr().out
+    # compare's task-switch timing fills the schema placeholder too
+    from tunelab.compare.switch import measure
+
+    try:
+        assert measure(out, repeats=1)["request_ms"] > 0
+    finally:
+        torch.set_grad_enabled(True)  # measure() turns gradients off for its process
 
 
 def test_compare_runs_the_baselines_on_a_sql_task(tiny_model_dir, tmp_path, capsys):
@@ -313,3 +321,21 @@ def test_spider_gold_queries_run_and_judge_themselves_correct(tmp_path):
     shifted = golds[2:] + golds[:2]
     wrong, _ = sql_metrics(schemas, db_ids, golds, shifted, tmp_path)
     assert wrong["execution_accuracy"] < 0.1
+
+
+def test_an_answer_that_opens_with_a_newline_is_not_cut_to_nothing():
+    from tunelab.evaluate.generate import cut_at_stop
+
+    # zero-shot models often start their answer on a new line after "SQL:"
+    assert cut_at_stop("\n SELECT count(*) FROM singer\n-- next", ["\n"]) == (
+        "SELECT count(*) FROM singer"
+    )
+
+
+def test_few_shot_keeps_k_rows_of_a_generation_task(tmp_path):
+    from tunelab.tasks.data import load_splits
+
+    task = load_task(sql_task(tmp_path, "few_shot: {k: 2, seed: 1}\n"))
+    splits = load_splits(task)
+    assert len(splits["train"]) == 2
+    assert load_splits(task)["train"] == splits["train"]  # seeded

@@ -21,6 +21,7 @@ def measure(artifact: Path, repeats: int = 5) -> dict:
     from tunelab.models import load_backbone
     from tunelab.tasks.encode import encode
     from tunelab.tasks.readers import Record
+    from tunelab.tasks.template import placeholders
     from tunelab.tasks.verbalizer import Verbalizer
 
     meta = read_meta(artifact)
@@ -31,7 +32,8 @@ def measure(artifact: Path, repeats: int = 5) -> dict:
     start = time.perf_counter()
     tuned, task, _, _ = load_artifact(artifact, backbone)
     activate_ms = (time.perf_counter() - start) * 1000
-    fields = {f: "an example input" for f in task.input_fields}
+    # every placeholder, derived ones too (a text-to-SQL task's {schema})
+    fields = {f: "an example input" for f in [*task.input_fields, *placeholders(task.template)]}
     examples = encode(task, [Record(fields, "switch", 1)], backbone.tokenizer)
     request_ms = []
     for _ in range(repeats):

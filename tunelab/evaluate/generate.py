@@ -9,7 +9,9 @@ from tunelab.tasks.encode import Example
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
-    """The text before the first stop string."""
+    """The text before the first stop string; leading whitespace is not the output yet (a
+    model that opens with a newline has not ended its answer)."""
+    text = text.lstrip()
     ends = [text.find(s) for s in stop if s and s in text]
     return text[: min(ends)] if ends else text
 
@@ -62,7 +64,8 @@ def greedy_generate(
             done |= nxt == tokenizer.eos_token_id
             if stop:
                 texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-                done |= torch.tensor([any(s in t for s in stop if s) for t in texts], device=device)
+                ended = [any(s in t.lstrip() for s in stop if s) for t in texts]
+                done |= torch.tensor(ended, device=device)
             if bool(done.all()):
                 break
             embeds = model.get_input_embeddings()(nxt[:, None])  # (B, 1, D)
