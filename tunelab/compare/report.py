@@ -18,7 +18,7 @@ FIELDS = (
     "trainable_parameters", "peak_memory_mb", "train_seconds", "train_examples_per_second",
     "eval_examples_per_second", "artifact_bytes", "task_switch_ms",
 )  # fmt: skip
-SECONDARY = {"macro_f1": "Macro-F1", "token_f1": "Token F1"}
+SECONDARY = {"macro_f1": "Macro-F1", "exact_set_match": "Exact-set match", "token_f1": "Token F1"}
 UNTRAINED = ("zero-shot", "in-context")
 SHARED = "one frozen backbone serves many tasks, per-row prompts in one batch"
 # method: (what training changes, how it is deployed)

@@ -98,8 +98,17 @@ def _split(atoms: list, seps: set[str]) -> list[list]:
     return [p for p in parts if p]
 
 
+def _canon(x) -> str:
+    """Text of a normalised part; sets sorted, since equal sets may iterate in other orders."""
+    if isinstance(x, frozenset):
+        return "{" + ", ".join(sorted(map(_canon, x))) + "}"
+    if isinstance(x, tuple):
+        return "(" + ", ".join(map(_canon, x)) + ")"
+    return str(x)
+
+
 def _text(atoms) -> str:
-    return " ".join(a if isinstance(a, str) else repr(a) for a in atoms)
+    return " ".join(a if isinstance(a, str) else _canon(a) for a in atoms)
 
 
 def _conditions(atoms: list) -> tuple:
