@@ -279,6 +279,12 @@ def test_a_tiny_model_learns_sql_and_eval_reports_execution_accuracy(
     printed = capsys.readouterr().out
     assert "tiny-spider [test] full: execution accuracy 1.0000, exact-set match 1.0000" in printed
     assert "outcomes: match 5" in printed
+    # predict takes the database id with the question, and finds the schema itself
+    question = json.dumps({"question": "How many items?", "db_id": "shop"})
+    assert main(["predict", "--adapter", str(out), "--json", question]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == "SELECT count(*) FROM item"
+    assert main(["predict", "--adapter", str(out), "How many items?"]) == 2
+    assert "input:1: missing field 'db_id' (the database id)" in capsys.readouterr().err
     # the untrained model, by comparison, writes no working SQL
     assert main(["eval", "--task", str(task), "--model", str(tiny_model_dir)]) == 0
     assert "zero-shot: execution accuracy 0.0000" in capsys.readouterr().out
