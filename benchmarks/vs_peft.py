@@ -47,11 +47,23 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--prompt-lr", type=float, default=3e-2)
     p.add_argument("--lora-lr", type=float, default=1e-3)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bfloat16 autocast on both sides (default: where it runs in hardware: CUDA, or a "
+        "CPU with avx512_bf16 or AMX; emulated it is slower than float32)",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "vs-peft" / "results.json")
     p.add_argument("--child", nargs=2, metavar=("SIDE", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.bf16 is None:
+        import torch
+
+        from tunelab.evaluate.predict import native_bf16
+
+        args.bf16 = native_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if args.child:
         side, method = args.child
         run = run_tunelab if side == "tunelab" else run_peft

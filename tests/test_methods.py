@@ -7,11 +7,12 @@ import re
 
 import pytest
 import torch
+from conftest import make_task
 
 from tunelab import methods
 from tunelab.artifact import load_artifact, save_artifact
 from tunelab.errors import TunelabError
-from tunelab.evaluate.predict import predict_logprobs
+from tunelab.evaluate.predict import predict_logprobs, shared_head
 from tunelab.models import load_backbone
 from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
@@ -235,6 +236,65 @@ def test_scores_do_not_depend_on_padding(tiny_model_dir, tiny_task, method):
         torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method, overrides, changes", MATRIX, ids=IDS)
+def test_evaluation_reusing_the_shared_head_scores_as_the_plain_path(
+    tiny_model_dir, tmp_path, method, overrides, changes
+):
+    backbone, prep, cfg, tuned = _setup(
+        tiny_model_dir, _film_review_task(tmp_path), method, overrides
+    )
+    assert not prep.verbalizer.single_token
+    with torch.no_grad():  # move the freshly initialised parts away from their neutral start
+        for name, p in tuned.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+            if re.search(r"[qk]_proj\.weight$", name):
+                p.mul_(20)  # sharp attention, so that a position off by one shows in the scores
+    pad = backbone.tokenizer.pad_token_id
+    examples = prep.examples("test")
+    assert shared_head(tuned, examples).slots > 4  # BOS, "Film review:" (and any soft prompt)
+    for bf16, tol in ((False, 1e-5), (True, 3e-2)):
+        plain = predict_logprobs(
+            tuned, examples, prep.verbalizer, pad, 5, bf16=bf16, reuse_head=False
+        )
+        for side in ("left", "right"):
+            cached = predict_logprobs(tuned, examples, prep.verbalizer, pad, 5, side, bf16)
+            torch.testing.assert_close(cached, plain, atol=tol, rtol=tol)
+    assert not torch.allclose(plain[0], plain[1])  # the rows really differ
+
+
+def _film_review_task(tmp_path):
+    # fixed template text and a two-token label word: the head holds text, every row is split
+    path = make_task(tmp_path, pos="[yes, magnificent]", neg="horrendous")
+    path.write_text(path.read_text().replace('"{text} It was"', '"Film review: {text} It was"'))
+    return path
+
+
+@pytest.mark.parametrize(
+    "method, overrides",
+    [("prompt-tuning", {}), ("lora", {"dropout": 0.0}), ("head", {}), ("prefix", {})],
+)
+def test_training_that_runs_the_shared_head_once_per_batch_matches_the_plain_path(
+    tiny_model_dir, tmp_path, method, overrides
+):
+    from tunelab.train.loop import shared_head_ids
+
+    path = _film_review_task(tmp_path)
+    trained = []
+    for reuse in (True, False):
+        backbone, prep, cfg, tuned = _setup(tiny_model_dir, path, method, overrides)
+        train_ex = prep.examples("train")
+        train_cfg = _cfg(reuse_head=reuse, batch_size=5, grad_accum=2, eval_every=100)
+        head = shared_head_ids(tuned, train_ex, prep.verbalizer, train_cfg)
+        assert (head is not None) == reuse  # BOS and "Film review:" are shared by every row
+        pad = backbone.tokenizer.pad_token_id
+        train(tuned, train_ex, [], prep.verbalizer, train_cfg, 3e-2, tmp_path / str(reuse), pad)
+        trained.append(tuned.trainable_state())
+    assert trained[0].keys() == trained[1].keys()
+    for name in trained[0]:
+        torch.testing.assert_close(trained[0][name], trained[1][name], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("projection", [False, True])
 def test_prefix_artifact_loads_in_peft_with_the_same_scores(
     tiny_model_dir, tiny_task, tmp_path, projection
@@ -310,7 +370,9 @@ def test_gradient_checkpointing_is_refused_where_no_gradient_crosses_the_model(
         enable_gradient_checkpointing(tuned, "head")
 
 
-def test_bf16_autocast_trains_and_agrees_with_float32(tiny_model_dir, tiny_task, tmp_path):
+def test_bf16_autocast_trains_and_agrees_with_float32(tiny_model_dir, tiny_task, tmp_path, capsys):
+    from tunelab.evaluate.predict import native_bf16
+
     backbone, prep, cfg, tuned = _setup(tiny_model_dir, tiny_task, "lora", {})
     pad = backbone.tokenizer.pad_token_id
     examples = prep.examples("test")
@@ -328,8 +390,40 @@ def test_bf16_autocast_trains_and_agrees_with_float32(tiny_model_dir, tiny_task,
         pad,
     )
     assert res.step == 6 and all(torch.isfinite(v).all() for v in tuned.trainable_state().values())
+    # emulated bfloat16 is slower than float32: a CPU without it in hardware gets a warning
+    warned = "bf16=true on a CPU without avx512_bf16 or AMX" in capsys.readouterr().err
+    assert warned == (not native_bf16(torch.device("cpu")))
     # the frozen backbone is stored in bfloat16; what trains keeps its float32 master copy
     assert {p.dtype for p in tuned.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert {v.dtype for v in tuned.trainable_state().values()} == {torch.float32}
     after = predict_logprobs(tuned, examples, prep.verbalizer, pad, bf16=True)
     assert torch.isfinite(after).all() and not torch.allclose(after, bf16)
+
+
+def test_lean_swiglu_keeps_a_third_less_and_gives_the_same_gradients(tiny_model_dir):
+    from tunelab.models.lean import lean_swiglu
+
+    grads, saved = [], []
+    for lean in (False, True):
+        model = load_backbone(str(tiny_model_dir)).model
+        for name, p in model.named_parameters():  # a frozen backbone, as in prompt tuning
+            p.requires_grad_("embed_tokens" in name)
+        if lean:
+            assert lean_swiglu(model) == 2  # both blocks of the tiny llama
+        ids = torch.tensor([[1, 5, 9, 13, 17, 21], [1, 8, 6, 7, 40, 41]])
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept: dict[int, int] = {}
+
+        def pack(t, params=params, kept=kept, width=model.config.intermediate_size):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params and t.size(-1) == width:
+                kept[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids).logits.logsumexp(-1).sum()
+        loss.backward()
+        grads.append(model.get_input_embeddings().weight.grad)
+        saved.append(sum(kept.values()))  # (tokens, intermediate) tensors kept for backward
+    assert saved[1] * 3 == saved[0] * 2  # gate(x) and up(x), no longer silu(gate(x)) too
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)

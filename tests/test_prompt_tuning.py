@@ -154,15 +154,19 @@ def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(
     import tunelab.train.loop as loop
 
     prep = _prepared(tiny_task, tiny_backbone)
-    real = loop.label_logprobs
     calls = {"n": 0}
 
-    def nan_on_third_step(tuned, batch, verbalizer):
-        calls["n"] += 1
-        out = real(tuned, batch, verbalizer)
-        return out * float("nan") if calls["n"] == 3 else out
+    def nan_on_third_step(real):
+        def scores(*args):
+            calls["n"] += 1
+            out = real(*args)
+            return out * float("nan") if calls["n"] == 3 else out
 
-    monkeypatch.setattr(loop, "label_logprobs", nan_on_third_step)
+        return scores
+
+    # whole rows, or rows after the shared head (BOS and the soft prompt, run once per batch)
+    for name in ("label_logprobs", "head_label_logprobs"):
+        monkeypatch.setattr(loop, name, nan_on_third_step(getattr(loop, name)))
     with pytest.raises(TunelabError, match="loss became nan at step 3.*last.safetensors"):
         train(
             _tuned(tiny_backbone, prep),

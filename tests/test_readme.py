@@ -79,10 +79,17 @@ def test_readme_commands_run(tmp_path):
 def test_make_demo_runs_with_a_tiny_budget(tmp_path):
     if not (ROOT / ".venv" / ".installed").is_file():
         pytest.skip("make demo is run here only inside the Makefile's own .venv")
-    budget = (f"--out {tmp_path}/demo --methods zero-shot,prompt-tuning --set steps=2 "
-              "--set eval_every=2 --set batch_size=4 --limit 8")
-    proc = subprocess.run(["make", "-s", "demo", f"DEMO_ARGS={budget}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    budget = (
+        f"--out {tmp_path}/demo --methods zero-shot,prompt-tuning --set steps=2 "
+        "--set eval_every=2 --set batch_size=4 --limit 8"
+    )
+    proc = subprocess.run(
+        ["make", "-s", "demo", f"DEMO_ARGS={budget}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"zero-shot\s+\d\.\d{4}", proc.stdout)
     assert re.search(r"prompt-tuning\s+\d\.\d{4}\s+11,520", proc.stdout)

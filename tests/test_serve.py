@@ -72,27 +72,57 @@ def artifacts(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     write_jsonl(sql / "test.jsonl", sql_rows(TABLES[:2]))
     (sql / "task.yaml").write_text(SQL_TASK)
     return {
-        "sst": _artifact(tiny_model_dir, plain, root / "a-pt", "prompt-tuning",
-                         num_virtual_tokens=4),
-        "review": _artifact(tiny_model_dir, review, root / "a-pt2", "prompt-tuning",
-                            num_virtual_tokens=6, init="random"),
-        "multi": _artifact(tiny_model_dir, multi, root / "a-multi", "prompt-tuning",
-                           num_virtual_tokens=3, insert="start"),
-        "prefix": _artifact(tiny_model_dir, review, root / "a-prefix", "prefix",
-                            num_virtual_tokens=3),
+        "sst": _artifact(
+            tiny_model_dir, plain, root / "a-pt", "prompt-tuning", num_virtual_tokens=4
+        ),
+        "review": _artifact(
+            tiny_model_dir,
+            review,
+            root / "a-pt2",
+            "prompt-tuning",
+            num_virtual_tokens=6,
+            init="random",
+        ),
+        "multi": _artifact(
+            tiny_model_dir,
+            multi,
+            root / "a-multi",
+            "prompt-tuning",
+            num_virtual_tokens=3,
+            insert="start",
+        ),
+        "prefix": _artifact(
+            tiny_model_dir, review, root / "a-prefix", "prefix", num_virtual_tokens=3
+        ),
         "head": _artifact(tiny_model_dir, plain, root / "a-head", "head", init="random"),
         "lora": _artifact(tiny_model_dir, review, root / "a-lora", "lora", r=2, dropout=0.0),
-        "lora2": _artifact(tiny_model_dir, plain, root / "a-lora2", "lora", r=4,
-                           target_modules="q_proj,v_proj"),
+        "lora2": _artifact(
+            tiny_model_dir, plain, root / "a-lora2", "lora", r=4, target_modules="q_proj,v_proj"
+        ),
         "freeze": _artifact(tiny_model_dir, plain, root / "a-freeze", "freeze", train_top=1),
-        "hybrid": _artifact(tiny_model_dir, review, root / "a-hybrid", "hybrid", r=2,
-                            num_virtual_tokens=3, dropout=0.0),
-        "sql": _artifact(tiny_model_dir, sql / "task.yaml", root / "a-sql", "prompt-tuning",
-                         num_virtual_tokens=2, init="random"),
-        "sql-prefix": _artifact(tiny_model_dir, sql / "task.yaml", root / "a-sql-prefix",
-                                "prefix", num_virtual_tokens=2),
-        "sql-lora": _artifact(tiny_model_dir, sql / "task.yaml", root / "a-sql-lora", "lora",
-                              r=2, dropout=0.0),
+        "hybrid": _artifact(
+            tiny_model_dir,
+            review,
+            root / "a-hybrid",
+            "hybrid",
+            r=2,
+            num_virtual_tokens=3,
+            dropout=0.0,
+        ),
+        "sql": _artifact(
+            tiny_model_dir,
+            sql / "task.yaml",
+            root / "a-sql",
+            "prompt-tuning",
+            num_virtual_tokens=2,
+            init="random",
+        ),
+        "sql-prefix": _artifact(
+            tiny_model_dir, sql / "task.yaml", root / "a-sql-prefix", "prefix", num_virtual_tokens=2
+        ),
+        "sql-lora": _artifact(
+            tiny_model_dir, sql / "task.yaml", root / "a-sql-lora", "lora", r=2, dropout=0.0
+        ),
     }
 
 
@@ -120,8 +150,10 @@ def test_mixed_batch_equals_one_task_batches_and_the_uncached_path(store):
     pad = store.backbone.tokenizer.pad_token_id
     names = [n for n in store.tasks if not store.get(n).task.is_generation]
     # each task its own slice of texts: rows of different lengths and tasks side by side
-    jobs = [(store.get(n), _examples(store.get(n), TEXTS[i % 3 : i % 3 + 4]))
-            for i, n in enumerate(names)]
+    jobs = [
+        (store.get(n), _examples(store.get(n), TEXTS[i % 3 : i % 3 + 4]))
+        for i, n in enumerate(names)
+    ]
     mixed = classify_mixed(jobs, pad)
     for (entry, examples), got in zip(jobs, mixed):
         alone = classify_mixed([(entry, examples)], pad)[0]
@@ -131,8 +163,10 @@ def test_mixed_batch_equals_one_task_batches_and_the_uncached_path(store):
         assert torch.allclose(got, plain, atol=1e-4), entry.name
         assert got.argmax(-1).tolist() == plain.argmax(-1).tolist()
     # same template and texts, different adapters: the routing really changes the scores
-    same = {n: classify_mixed([(store.get(n), _examples(store.get(n), TEXTS))], pad)[0]
-            for n in ("sst", "lora2", "head")}
+    same = {
+        n: classify_mixed([(store.get(n), _examples(store.get(n), TEXTS))], pad)[0]
+        for n in ("sst", "lora2", "head")
+    }
     assert not torch.allclose(same["sst"], same["lora2"], atol=1e-3)
     assert not torch.allclose(same["head"], same["lora2"], atol=1e-3)
 
@@ -145,14 +179,21 @@ def test_mixed_generation_equals_one_task_generation(store):
     pad = store.backbone.tokenizer.pad_token_id
     questions = [f"How many {t} rows are there?" for t in TABLES] + ["Name every singer ."]
     # the same questions for three tasks, in one batch with a fourth request's shorter limit
-    jobs = [(store.get(n), _examples(store.get(n), qs), limit)
-            for n, qs, limit in [("sql", questions[:3], 12), ("sql-prefix", questions[:3], 12),
-                                 ("sql-lora", questions[:3], 12), ("sql", questions[2:], 3)]]
+    jobs = [
+        (store.get(n), _examples(store.get(n), qs), limit)
+        for n, qs, limit in [
+            ("sql", questions[:3], 12),
+            ("sql-prefix", questions[:3], 12),
+            ("sql-lora", questions[:3], 12),
+            ("sql", questions[2:], 3),
+        ]
+    ]
     mixed = generate_mixed(jobs, pad)
     for (entry, examples, limit), got in zip(jobs, mixed):
         with task_routing(entry):
-            want = greedy_generate(entry.tuned, examples, entry.backbone.tokenizer, limit,
-                                   entry.task.generation.stop)
+            want = greedy_generate(
+                entry.tuned, examples, entry.backbone.tokenizer, limit, entry.task.generation.stop
+            )
         assert got == want, entry.name
     assert len({tuple(m) for m in mixed[:3]}) == 3  # each task's adapter makes a difference
 
@@ -241,8 +282,9 @@ def test_classify_matches_tunelab_predict(client, artifacts, capsys):
 
 def test_concurrent_requests_of_different_tasks_share_batches(client):
     names = ["sst", "review", "multi", "prefix", "head", "lora", "lora2", "freeze"]
-    alone = {n: client.post("/v1/classify", json={"task": n, "inputs": TEXTS}).json()
-             for n in names}
+    alone = {
+        n: client.post("/v1/classify", json={"task": n, "inputs": TEXTS}).json() for n in names
+    }
     before = _metric(client, "tunelab_batch_requests_count")
     results: dict[str, dict] = {}
 
@@ -342,9 +384,12 @@ def test_hot_load_unload_and_refused_artifacts(client, artifacts, tmp_path):
     a = client.post("/v1/classify", json={"task": "sst-copy", "inputs": TEXTS}).json()
     b = client.post("/v1/classify", json={"task": "sst", "inputs": TEXTS}).json()
     assert [x["label"] for x in a["results"]] == [x["label"] for x in b["results"]]
-    assert client.post(
-        "/v1/tasks", json={"name": "sst-copy", "path": str(artifacts["sst"])}
-    ).status_code == 409
+    assert (
+        client.post(
+            "/v1/tasks", json={"name": "sst-copy", "path": str(artifacts["sst"])}
+        ).status_code
+        == 409
+    )
 
     pickled = shutil.copytree(artifacts["sst"], tmp_path / "pickled")
     torch.save({"x": torch.zeros(1)}, pickled / "adapter_model.bin")
@@ -449,10 +494,26 @@ def test_cli_serves_and_finishes_in_flight_requests_on_sigterm(tiny_model_dir, a
     port = _free_port()
     env = dict(os.environ, TUNELAB_API_KEY="k3y")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tunelab", "serve", "--model", str(tiny_model_dir),
-         "--adapter", f"sst={artifacts['sst']}", "--adapter", f"prefix={artifacts['prefix']}",
-         "--port", str(port), "--window-ms", "1500"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "tunelab",
+            "serve",
+            "--model",
+            str(tiny_model_dir),
+            "--adapter",
+            f"sst={artifacts['sst']}",
+            "--adapter",
+            f"prefix={artifacts['prefix']}",
+            "--port",
+            str(port),
+            "--window-ms",
+            "1500",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k3y"}
     try:

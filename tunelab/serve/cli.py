@@ -39,12 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-batch", type=int, default=64, help="inputs per forward pass (64)")
     p.add_argument("--max-inputs", type=int, default=64, help="inputs per request (64)")
-    p.add_argument(
-        "--max-input-chars", type=int, default=4000, help="characters per input (4000)"
-    )
-    p.add_argument(
-        "--max-body-bytes", type=int, default=1 << 20, help="request body size (1 MiB)"
-    )
+    p.add_argument("--max-input-chars", type=int, default=4000, help="characters per input (4000)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (1 MiB)")
     p.add_argument(
         "--api-key",
         default=None,
@@ -95,8 +91,9 @@ def run(args: argparse.Namespace) -> None:
         raise TunelabError("serve needs its extra: pip install 'tunelab[serve]'") from None
     app, store = build(args)
     for info in store.describe():
-        print(f"task {info['name']}: {info['method']} ({info['kind']}, {info['backbone']} "
-              "backbone)")
+        print(
+            f"task {info['name']}: {info['method']} ({info['kind']}, {info['backbone']} backbone)"
+        )
     print(f"serving {len(store.tasks)} task(s) on http://{args.host}:{args.port}", flush=True)
     # on SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests finish (up to 30 s),
     # then the app's shutdown drains the batch queue

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from tunelab.evaluate.generate import cut_at_stop, greedy_generate
-from tunelab.serve.forward import head_of, length_chunks, routing, stack_heads, task_routing
+from tunelab.models.head_cache import stack_heads
+from tunelab.serve.forward import head_of, length_chunks, routing, task_routing
 from tunelab.tasks.batch import _pad
 from tunelab.tasks.encode import Example
 

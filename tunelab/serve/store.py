@@ -47,7 +47,7 @@ class TaskEntry:
     backbone: Backbone
     shared: bool  # runs on the store's shared backbone (else on its own copy)
     adapter: str | None = None  # its LoRA adapter's name inside the shared backbone
-    head_cache: object = None  # forward.HeadCache, built on first use
+    head_cache: object = None  # models.head_cache.HeadCache, built on first use
 
     @property
     def task(self) -> TaskSpec:

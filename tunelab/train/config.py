@@ -17,6 +17,7 @@ class TrainConfig:
     steps: int = 200  # optimizer steps
     batch_size: int = 8
     group_by_length: bool = True  # batches of rows of similar length: less padding
+    reuse_head: bool = True  # run the prompt's shared head (BOS, soft prompt) once per batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float | None = None  # None: the method's default
     weight_decay: float | None = None  # None: the method's default

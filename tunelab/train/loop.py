@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +14,9 @@ from torch import nn
 from tqdm import tqdm
 
 from tunelab.errors import TunelabError
-from tunelab.evaluate.predict import autocast, predict_logprobs
+from tunelab.evaluate.predict import autocast, native_bf16, predict_logprobs
+from tunelab.models.head_cache import after_head, head_ids, head_label_logprobs, prefill
+from tunelab.models.lean import lean_swiglu
 from tunelab.models.scoring import label_logprobs, make_batch, target_logprobs
 from tunelab.train import distributed
 from tunelab.train.checkpoint import atomic_save, load, load_training_state, save_training_state
@@ -79,16 +82,34 @@ class Objective(nn.Module):
     Returns the batch's summed loss times `scale`: 1 / (rows in the global batch) for labels,
     1 / (target tokens in the global batch) for generation, so one process gets the mean."""
 
-    def __init__(self, tuned, verbalizer):
+    def __init__(self, tuned, verbalizer, head_ids: list[int] | None = None):
         super().__init__()
         self.tuned = tuned
         self.verbalizer = verbalizer
+        # the token ids every row starts with (see `shared_head_ids`); rows come without them
+        self.head_ids = head_ids
 
     def forward(self, batch: dict, scale: float) -> torch.Tensor:
         if self.verbalizer is None:  # generation: negative log-likelihood of the target tokens
             return -target_logprobs(self.tuned, batch).sum() * scale
-        logp = label_logprobs(self.tuned, batch, self.verbalizer)  # (B, C)
+        if self.head_ids is not None:
+            # the shared head runs once for the whole batch; every row's gradient reaches it
+            head = prefill(self.tuned, self.head_ids)
+            logp = head_label_logprobs(self.tuned, head, batch, self.verbalizer)
+        else:
+            logp = label_logprobs(self.tuned, batch, self.verbalizer)  # (B, C)
         return F.nll_loss(logp.float(), batch["labels"], reduction="sum") * scale
+
+
+def shared_head_ids(tuned, train_ex, verbalizer, cfg: TrainConfig) -> list[int] | None:
+    """The token ids every training prompt starts with, when running that head once per batch
+    pays (`reuse_head`, classification, no gradient checkpointing: recomputing a layer would
+    append the rows' keys to the shared cache twice); else None."""
+    if not cfg.reuse_head or verbalizer is None:
+        return None
+    if any(getattr(m, "gradient_checkpointing", False) for m in tuned.model.modules()):
+        return None
+    return head_ids(tuned, [ex.ids for ex in train_ex])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,6 +148,13 @@ def train(
     """
     world, device = distributed.init(cfg.device)
     tuned.to(device)
+    lean_swiglu(tuned.model)  # fewer saved activations, the same gradients
+    if cfg.bf16 and not native_bf16(device) and world.main:
+        print(
+            "warning: bf16=true on a CPU without avx512_bf16 or AMX: PyTorch emulates bfloat16 "
+            "here, slower than float32",
+            file=sys.stderr,
+        )
     if cfg.bf16:
         # a frozen weight needs no float32 master copy: in bfloat16 it takes half the memory,
         # and autocast no longer makes (and keeps for backward) a bf16 copy of it every step
@@ -143,7 +171,8 @@ def train(
         res = TrainResult(**{k: v for k, v in meta["result"].items()})
         if world.main:
             print(f"resumed from {last_path} at step {res.step}")
-    objective = distributed.wrap(Objective(tuned, verbalizer), world, device)
+    head = shared_head_ids(tuned, train_ex, verbalizer, cfg)
+    objective = distributed.wrap(Objective(tuned, verbalizer, head), world, device)
 
     def save_last() -> None:
         if world.main:  # one writer; every rank holds the same weights
@@ -174,9 +203,12 @@ def train(
             idx = distributed.shard(rows, world)
             # a rank left without rows still runs one, weighted 0: DDP needs every rank's backward
             weight = 1.0 if idx else 0.0
+            part = [train_ex[i] for i in idx or rows[:1]]
+            if head is not None:  # the objective runs the head once and attends to it
+                part = after_head(part, len(head))
             batch = make_batch(
                 tuned,
-                [train_ex[i] for i in idx or rows[:1]],
+                part,
                 verbalizer,
                 pad_id,
                 cfg.padding_side,
