@@ -1,6 +1,6 @@
 """tunelab against Hugging Face PEFT + `Trainer`, side by side on SST-2 (issue 7).
 
-    .venv/bin/python benchmarks/vs_peft.py                      # ~25 minutes on 2 cores
+    .venv/bin/python benchmarks/vs_peft.py                      # ~14 minutes on 2 cores
     .venv/bin/python benchmarks/vs_peft.py --steps 4 --train-rows 32 --eval-rows 16   # a smoke run
 
 Both sides get the same default model, train rows, template ("{text} It was"), label words

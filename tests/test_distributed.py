@@ -1,6 +1,7 @@
 """Data-parallel training with gloo on 2 CPU processes under torchrun: both ranks end with the
 same weights, equal to one process training on the same global batches; the CLI writes one
-artifact from rank 0 that matches a single-process run's."""
+artifact from rank 0 that matches a single-process run's, under torchrun (with a resume) and
+under `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tunelab.train.checkpoint import load
 HERE = Path(__file__).resolve().parent
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
 
 
 def free_port() -> int:
@@ -28,13 +30,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], nproc: int) -> subprocess.CompletedProcess:
-    """`python ARGS` for one process, else `torchrun --nproc_per_node=N ARGS` on loopback."""
+def launch(args: list[str], nproc: int, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """`python ARGS` for one process, else `torchrun --nproc_per_node=N ARGS` (or `accelerate
+    launch`) on loopback."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     if nproc == 1:
         cmd = [sys.executable, *args]
+    elif launcher == "accelerate":
+        cmd = [
+            ACCELERATE, "launch", "--multi_gpu", f"--num_processes={nproc}", "--num_machines=1",
+            "--mixed_precision=no", "--dynamo_backend=no", "--main_process_ip=127.0.0.1",
+            f"--main_process_port={free_port()}", *args,
+        ]  # fmt: skip
     else:
         cmd = [
             TORCHRUN,
@@ -121,3 +130,23 @@ def test_tunelab_train_under_torchrun_writes_one_artifact_and_resumes(
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
     assert one.stdout.count("artifact:") == 1
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate is not installed")
+def test_tunelab_train_under_accelerate_launch_matches_one_process(
+    tiny_model_dir, tiny_task, tmp_path
+):
+    cmd = [
+        "-m", "tunelab", "train", "--task", str(tiny_task), "--model", str(tiny_model_dir),
+        "--method", "lora", "--out", "OUT", "--set", "steps=4", "--set", "batch_size=4",
+        "--set", "eval_every=2", "--set", "dropout=0", "--set", "lr=0.01",
+    ]  # fmt: skip
+    one = launch([a.replace("OUT", str(tmp_path / "one")) for a in cmd], 1)
+    two = launch([a.replace("OUT", str(tmp_path / "two")) for a in cmd], 2, "accelerate")
+    assert two.stdout.count("artifact:") == 1 and one.stdout.count("artifact:") == 1
+    meta = json.loads((tmp_path / "two" / "tunelab.json").read_text())
+    assert meta["metrics"]["world_size"] == 2
+    a, _ = load(tmp_path / "one" / "adapter_model.safetensors")
+    b, _ = load(tmp_path / "two" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
