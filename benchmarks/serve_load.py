@@ -243,9 +243,7 @@ def main() -> None:
     rows = load_splits(task)["test"]
     rng = random.Random(0)
     picked = [rng.choice(rows) for _ in range(args.requests)]
-    requests = [
-        {"task": f"t{rng.randrange(TASKS)}", "inputs": [r.fields["text"]]} for r in picked
-    ]
+    requests = [{"task": f"t{rng.randrange(TASKS)}", "inputs": [r.fields["text"]]} for r in picked]
     gold = [str(r.fields[task.label_field]) for r in picked]
 
     cfg = ServeConfig(window_ms=args.window_ms, max_batch=args.max_batch)
