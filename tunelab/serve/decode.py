@@ -81,7 +81,7 @@ def generate_mixed(jobs: list[tuple[object, list[Example], int]], pad: int) -> l
                             entry.tuned, [ex], entry.backbone.tokenizer, limit, stop
                         )[0]
                     continue
-                m = u - head.n_prefix - head.n_prompt
+                m = head.skipped_tokens(u)
                 rows.append((head, u, ex.ids[m:], entry.adapter or "__base__", limit, stop))
                 where.append((j, i))
         for chunk in length_chunks([len(r[2]) for r in rows]):

@@ -122,7 +122,7 @@ def classify_mixed(jobs: list[tuple[object, list[Example]]], pad: int) -> list[t
                     uncached.setdefault(j, []).append(i)
                     continue
                 kept.append(i)
-                m = u - head.n_prefix - head.n_prompt  # head tokens this row skips
+                m = head.skipped_tokens(u)
                 adapter = entry.adapter or "__base__"
                 own = label_rows(entry.tuned, entry.prep.verbalizer, ex)
                 rows += [(head, u, ids[m:], w, adapter) for ids, w in own]
