@@ -56,19 +56,13 @@ def predict_logprobs(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         part = [examples[i] for i in idx]
+        if head is not None:  # the rows run only what follows the head
+            part = after_head(part, len(head.token_ids))
+        batch = make_batch(tuned, part, verbalizer, pad_id, padding_side, device)
         with autocast(device, bf16):
             if head is not None:
-                batch = make_batch(
-                    tuned,
-                    after_head(part, len(head.token_ids)),
-                    verbalizer,
-                    pad_id,
-                    padding_side,
-                    device,
-                )
                 logp = head_label_logprobs(tuned, head, batch, verbalizer)
             else:
-                batch = make_batch(tuned, part, verbalizer, pad_id, padding_side, device)
                 logp = label_logprobs(tuned, batch, verbalizer)
         out[idx] = logp.float().cpu()
         if progress is not None:

@@ -122,10 +122,10 @@ def prefill(tuned, ids: list[int]) -> HeadCache:
     return HeadCache(keys, values, list(ids), prompt_at, n_prompt, n_prefix)
 
 
-@torch.no_grad()
-def cached_hidden(model, heads: list[HeadCache], used: list[int], suffixes: list[list[int]], pad):
-    """Final hidden states (B, S, D) of rows that each continue `used[b]` slots of their own
-    head; rows are left-padded, so every row's last token is at S - 1."""
+def after_heads(model, heads: list[HeadCache], used: list[int], suffixes: list[list[int]], pad):
+    """The inputs of rows that each continue `used[b]` slots of their own head: embeddings of
+    the left-padded suffixes (B, S, D), the mask over head slots and suffix, the positions after
+    each head, and the stacked head cache (None when no row uses a head)."""
     device = next(model.parameters()).device
     ids, smask = _pad(suffixes, pad, "left")
     ids, smask = ids.to(device), smask.to(device)
@@ -133,15 +133,18 @@ def cached_hidden(model, heads: list[HeadCache], used: list[int], suffixes: list
     used_t = torch.tensor(used, device=device)
     pos = used_t[:, None] + (smask.cumsum(1) - 1).clamp(min=0)  # positions go on after the head
     if max(used) == 0:
-        return model.base_model(
-            inputs_embeds=embeds, attention_mask=smask, position_ids=pos
-        ).last_hidden_state
+        return embeds, smask, pos, None
     cache, hmask = stack_heads(heads, used, embeds)
+    return embeds, torch.cat([hmask, smask], 1), pos, cache
+
+
+@torch.no_grad()
+def cached_hidden(model, heads: list[HeadCache], used: list[int], suffixes: list[list[int]], pad):
+    """Final hidden states (B, S, D) of rows that each continue `used[b]` slots of their own
+    head; rows are left-padded, so every row's last token is at S - 1."""
+    embeds, mask, pos, cache = after_heads(model, heads, used, suffixes, pad)
     out = model.base_model(
-        inputs_embeds=embeds,
-        attention_mask=torch.cat([hmask, smask], 1),
-        position_ids=pos,
-        past_key_values=cache,
+        inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache
     )
     return out.last_hidden_state
 

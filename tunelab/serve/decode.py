@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 
 from tunelab.evaluate.generate import cut_at_stop, greedy_generate
-from tunelab.models.head_cache import stack_heads
+from tunelab.models.head_cache import after_heads
 from tunelab.serve.forward import head_of, length_chunks, routing, task_routing
-from tunelab.tasks.batch import _pad
 from tunelab.tasks.encode import Example
 
 
@@ -19,15 +18,10 @@ def _decode_chunk(model, tokenizer, rows: list[tuple], pad: int) -> list[str]:
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    ids, mask = _pad([r[2] for r in rows], pad, "left")
-    ids, mask = ids.to(device), mask.to(device)
-    embeds = model.get_input_embeddings()(ids)  # (B, S, D)
-    used = torch.tensor([r[1] for r in rows], device=device)
-    pos = used[:, None] + (mask.cumsum(1) - 1).clamp(min=0)  # positions go on after the head
-    if int(used.max()) > 0:
-        cache, hmask = stack_heads([r[0] for r in rows], [r[1] for r in rows], embeds)
-        mask = torch.cat([hmask, mask], 1)
-    else:
+    embeds, mask, pos, cache = after_heads(
+        model, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], pad
+    )
+    if cache is None:
         cache = DynamicCache()
     limits = torch.tensor([r[4] for r in rows], device=device)
     B = len(rows)
