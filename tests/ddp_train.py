@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from torch.distributed.tensor import DTensor
+
 from tunelab import methods
 from tunelab.models import load_backbone
 from tunelab.tasks import load_task
@@ -35,7 +37,13 @@ def main(model_dir: str, task: str, method: str, out: str, *settings: str) -> No
         Path(out) / f"run{w.rank}",
         backbone.tokenizer.pad_token_id,
     )
-    atomic_save(tuned.trainable_state(), Path(out) / f"rank{w.rank}.safetensors")
+    # whole tensors on every rank (under fsdp=true each holds a part of each)
+    state = {
+        k: v.full_tensor() if isinstance(v, DTensor) else v
+        for k, v in tuned.trainable_state().items()
+    }
+    meta = {"sharded": distributed.sharded(tuned)}
+    atomic_save(state, Path(out) / f"rank{w.rank}.safetensors", meta)
     distributed.finish()
 
 

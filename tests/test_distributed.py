@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from tunelab.train.checkpoint import load
 
@@ -22,12 +22,6 @@ HERE = Path(__file__).resolve().parent
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], nproc: int, launcher: str = "torchrun") -> subprocess.CompletedProcess:
@@ -65,6 +59,10 @@ def launch(args: list[str], nproc: int, launcher: str = "torchrun") -> subproces
         ("prompt-tuning", ["batch_size=5", "grad_accum=2"]),
         # dropout draws different masks once rows move between processes: off, to compare
         ("lora", ["batch_size=4", "dropout=0"]),
+        # the weights themselves split across the ranks (FSDP2), gradients accumulated unsynced
+        ("full", ["fsdp=true", "batch_size=5", "grad_accum=2", "lr=1e-3"]),
+        ("lora", ["fsdp=true", "batch_size=4", "dropout=0"]),
+        ("prompt-tuning", ["fsdp=true", "batch_size=5"]),
     ],
 )
 def test_two_ranks_agree_and_equal_one_process(
@@ -76,7 +74,8 @@ def test_two_ranks_agree_and_equal_one_process(
     launch([str(HERE / "ddp_train.py"), *common, str(tmp_path / "two"), *settings], 2)
 
     single, _ = load(tmp_path / "one" / "rank0.safetensors")
-    rank0, _ = load(tmp_path / "two" / "rank0.safetensors")
+    rank0, meta = load(tmp_path / "two" / "rank0.safetensors")
+    assert meta["sharded"] == ("fsdp=true" in settings)
     rank1, _ = load(tmp_path / "two" / "rank1.safetensors")
     initial = _initial(tiny_model_dir, tiny_task, method)
     assert rank0.keys() == rank1.keys() == single.keys()
@@ -100,15 +99,23 @@ def _initial(model_dir, task, method) -> dict[str, torch.Tensor]:
 
 
 @needs_torchrun
+@pytest.mark.parametrize(
+    "method, artifact, settings",
+    [
+        ("prompt-tuning", "adapter_model.safetensors", ["lr=0.05"]),
+        # FSDP: validation, checkpoints, the resume and the best weights go through shards
+        ("full", "trainable.safetensors", ["lr=1e-3", "fsdp=true"]),
+    ],
+)
 def test_tunelab_train_under_torchrun_writes_one_artifact_and_resumes(
-    tiny_model_dir, tiny_task, tmp_path
+    tiny_model_dir, tiny_task, tmp_path, method, artifact, settings
 ):
     def train_cmd(out: Path, steps: int, *extra: str) -> list[str]:
         return [
             "-m", "tunelab", "train", "--task", str(tiny_task), "--model", str(tiny_model_dir),
-            "--method", "prompt-tuning", "--out", str(out),
+            "--method", method, "--out", str(out),
             "--set", f"steps={steps}", "--set", "batch_size=4", "--set", "eval_every=2",
-            "--set", "save_every=2", "--set", "lr=0.05", *extra,
+            "--set", "save_every=2", *[a for kv in settings for a in ("--set", kv)], *extra,
             # a constant rate: the 4-step run's schedule is then the 6-step run's first part
             "--set", "schedule=constant", "--set", "warmup=0",
         ]  # fmt: skip
@@ -125,8 +132,10 @@ def test_tunelab_train_under_torchrun_writes_one_artifact_and_resumes(
     meta_two = json.loads((tmp_path / "two" / "tunelab.json").read_text())
     assert meta_two["metrics"]["world_size"] == 2 and meta_one["metrics"]["world_size"] == 1
     assert meta_two["metrics"]["steps"] == 6
-    a, _ = load(tmp_path / "one" / "adapter_model.safetensors")
-    b, _ = load(tmp_path / "two" / "adapter_model.safetensors")
+    assert meta_two["metrics"]["best_step"] == meta_one["metrics"]["best_step"]
+    a, _ = load(tmp_path / "one" / artifact)
+    b, _ = load(tmp_path / "two" / artifact)
+    assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
     assert one.stdout.count("artifact:") == 1

@@ -151,8 +151,6 @@ def test_resume_after_a_crash_reaches_the_same_weights(
 def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(
     tiny_backbone, tiny_task, tmp_path, monkeypatch
 ):
-    import tunelab.train.loop as loop
-
     prep = _prepared(tiny_task, tiny_backbone)
     calls = {"n": 0}
 
@@ -164,9 +162,8 @@ def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(
 
         return scores
 
-    # whole rows, or rows after the shared head (BOS and the soft prompt, run once per batch)
-    for name in ("label_logprobs", "head_label_logprobs"):
-        monkeypatch.setattr(loop, name, nan_on_third_step(getattr(loop, name)))
+    # the training step's scores (of whole rows, or of rows after the shared head)
+    monkeypatch.setattr(TunedLM, "forward", nan_on_third_step(TunedLM.forward))
     with pytest.raises(TunelabError, match="loss became nan at step 3.*last.safetensors"):
         train(
             _tuned(tiny_backbone, prep),

@@ -1,4 +1,5 @@
-"""Every `tunelab` command in the README runs as written, with a tiny budget where it trains.
+"""Every `tunelab` command in the README runs as written, with a tiny budget where it trains
+(the `torchrun` ones too, on 2 CPU processes).
 
 Integration: these use the real default model (SmolLM2-135M-Instruct) and the demo corpus.
 """
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, needs_default_model
+from conftest import SHARED_DATA, free_port, needs_default_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = {
@@ -41,7 +42,7 @@ def readme_commands() -> list[str]:
         line.strip()
         for b in blocks
         for line in b.splitlines()
-        if line.strip().startswith("tunelab ")
+        if line.strip().startswith(("tunelab ", "torchrun "))
     ]
 
 
@@ -61,11 +62,18 @@ def test_readme_commands_run(tmp_path):
         if "examples/tasks/" in line and not SHARED_DATA.is_dir():
             continue  # the example tasks read ../shared/data
         args = shlex.split(line.replace("runs/", f"{tmp_path}/runs/"))
-        args += BUDGET[args[1]]
+        sub = args.index("tunelab") + 1 if args[0] == "torchrun" else 1
+        args += BUDGET[args[sub]]
+        if args[0] == "torchrun":  # torchrun is `python -m torch.distributed.run`
+            port = f"--master_port={free_port()}"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--master_addr=127.0.0.1", port]
+            cmd += args[1:]
+        else:
+            cmd = [sys.executable, "-m", "tunelab", *args[1:]]
         proc = subprocess.run(
-            [sys.executable, "-m", "tunelab", *args[1:]],
+            cmd,
             cwd=ROOT,
-            env=env,
+            env={**env, "OMP_NUM_THREADS": "1"} if args[0] == "torchrun" else env,
             capture_output=True,
             text=True,
             timeout=600,

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.models.head_cache import head_label_logprobs, prefill
+from tunelab.models.scoring import label_logprobs, target_logprobs
 
 TRAINABLE_FILE = "trainable.safetensors"
 
@@ -54,6 +56,20 @@ class TunedLM(nn.Module):
         if self.prompt is None:
             return embeds, attention_mask
         return self.prompt.insert(embeds, attention_mask, input_ids, self.bos_id)
+
+    def forward(self, batch: dict, verbalizer=None, head_ids: list[int] | None = None):
+        """The batch's scores: (B, C) label log-probabilities, or without a verbalizer the
+        log-probabilities of the target tokens. With `head_ids` the rows come without the head
+        every prompt starts with (models/head_cache.py): it runs once here, with gradients, and
+        every row attends to it.
+
+        The training step goes through this call, so that a wrapper hooked on forward (FSDP's
+        `fully_shard`, which gathers the embeddings and soft prompt) sees the whole step."""
+        if verbalizer is None:
+            return target_logprobs(self, batch)
+        if head_ids is not None:
+            return head_label_logprobs(self, prefill(self, head_ids), batch, verbalizer)
+        return label_logprobs(self, batch, verbalizer)
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """AdamW groups of the trainable parameters; `base_lr` is each group's peak rate."""

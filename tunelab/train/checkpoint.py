@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import TunelabError
+from tunelab.train.distributed import like
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict | None = None) -> None:
@@ -46,24 +47,35 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def save_training_state(path: Path, tuned, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """Trainable tensors + AdamW moments + loop counters: enough to resume exactly."""
+def training_state(tuned, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Trainable tensors + AdamW moments (enough, with the loop's counters, to resume exactly);
+    under FSDP these are the rank's shards, for `distributed.gather`."""
     tensors = {f"trainable.{k}": v for k, v in tuned.trainable_state().items()}
     for idx, st in optimizer.state_dict()["state"].items():
         for key, value in st.items():
             tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value)
-    atomic_save(tensors, path, meta)
+    return tensors
 
 
 def load_training_state(path: Path, tuned, optimizer: torch.optim.Optimizer) -> dict:
+    """Read a checkpoint of whole tensors into `tuned` and `optimizer`, each split like the
+    parameter it belongs to when FSDP shards the model."""
     tensors, meta = load(path)
-    tuned.load_trainable_state(
-        {k[len("trainable.") :]: v for k, v in tensors.items() if k.startswith("trainable.")}
-    )
+    params = dict(tuned.named_parameters())
+    trainable = {}
+    for key, value in tensors.items():
+        if key.startswith("trainable."):
+            name = key[len("trainable.") :]
+            trainable[name] = like(value, params[name]) if name in params else value
+    tuned.load_trainable_state(trainable)
+    by_index = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, idx, name = key.split(".", 2)
+            p = by_index[int(idx)] if int(idx) < len(by_index) else None
+            if p is not None and value.shape == p.shape:  # a moment, not the step count
+                value = like(value, p)
             state.setdefault(int(idx), {})[name] = value
     sd = optimizer.state_dict()
     sd["state"] = state

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
     """Train a method on a task; evaluate the best checkpoint; write the artifact to --out.
 
     Under `torchrun --nproc_per_node=N` (or `accelerate launch`) the same command trains with
-    DistributedDataParallel; rank 0 evaluates and writes the artifact."""
+    DistributedDataParallel (or, with fsdp=true, FSDP); rank 0 writes the artifact."""
     task = load_task(args.task)
     method = methods.get(args.method)
     train_cfg, method_cfg = apply_overrides(args.set, TrainConfig(), methods.CONFIGS[args.method]())
@@ -176,10 +176,15 @@ def run(args: argparse.Namespace) -> None:
         validate=validate,
     )
     seconds = time.perf_counter() - start
+    sharded = distributed.sharded(tuned)
+    if world.main or sharded:  # under FSDP every rank runs the model
+        with distributed.full_weights(tuned):
+            metrics, _ = evaluate_split(tuned, prep, report, **evaluate)
+    if sharded:
+        distributed.unshard_to_main(tuned, world)  # rank 0 writes whole tensors
     if not world.main:  # rank 0 holds the same weights and writes the one artifact
         distributed.finish()
         return
-    metrics, _ = evaluate_split(tuned, prep, report, **evaluate)
     summary = {
         "split": report,
         report: metrics,

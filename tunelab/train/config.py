@@ -34,6 +34,7 @@ class TrainConfig:
     max_length: int = 512  # prompt tokens; longer prompts keep their end
     padding_side: str = "left"
     device: str = "auto"  # auto | cpu | cuda
+    fsdp: bool = False  # under torchrun: split the weights across ranks (FSDP2), not copy them
 
     def __post_init__(self):
         for name in (

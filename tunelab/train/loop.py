@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,11 +14,11 @@ from tqdm import tqdm
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.predict import autocast, native_bf16, predict_logprobs
-from tunelab.models.head_cache import after_head, head_ids, head_label_logprobs, prefill
+from tunelab.models.head_cache import after_head, head_ids
 from tunelab.models.lean import lean_swiglu
-from tunelab.models.scoring import label_logprobs, make_batch, target_logprobs
+from tunelab.models.scoring import make_batch
 from tunelab.train import distributed
-from tunelab.train.checkpoint import atomic_save, load, load_training_state, save_training_state
+from tunelab.train.checkpoint import atomic_save, load, load_training_state, training_state
 from tunelab.train.config import TrainConfig
 
 
@@ -77,10 +76,11 @@ def micro_batch(lengths: list[int], cfg: TrainConfig, m: int, _cache: dict | Non
 
 
 class Objective(nn.Module):
-    """The training loss as a module's forward, so that DistributedDataParallel can wrap it.
+    """The training loss as a module's forward, so that DistributedDataParallel can wrap it
+    (FSDP wraps `tuned`, whose forward this calls).
 
-    Returns the batch's summed loss times `scale`: 1 / (rows in the global batch) for labels,
-    1 / (target tokens in the global batch) for generation, so one process gets the mean."""
+        Returns the batch's summed loss times `scale`: 1 / (rows in the global batch) for labels,
+        1 / (target tokens in the global batch) for generation, so one process gets the mean."""
 
     def __init__(self, tuned, verbalizer, head_ids: list[int] | None = None):
         super().__init__()
@@ -91,21 +91,20 @@ class Objective(nn.Module):
 
     def forward(self, batch: dict, scale: float) -> torch.Tensor:
         if self.verbalizer is None:  # generation: negative log-likelihood of the target tokens
-            return -target_logprobs(self.tuned, batch).sum() * scale
-        if self.head_ids is not None:
-            # the shared head runs once for the whole batch; every row's gradient reaches it
-            head = prefill(self.tuned, self.head_ids)
-            logp = head_label_logprobs(self.tuned, head, batch, self.verbalizer)
-        else:
-            logp = label_logprobs(self.tuned, batch, self.verbalizer)  # (B, C)
+            return -self.tuned(batch).sum() * scale
+        # with head ids, the shared head runs once for the whole batch; every row's gradient
+        # reaches it
+        logp = self.tuned(batch, self.verbalizer, self.head_ids)  # (B, C)
         return F.nll_loss(logp.float(), batch["labels"], reduction="sum") * scale
 
 
 def shared_head_ids(tuned, train_ex, verbalizer, cfg: TrainConfig) -> list[int] | None:
     """The token ids every training prompt starts with, when running that head once per batch
     pays (`reuse_head`, classification, no gradient checkpointing: recomputing a layer would
-    append the rows' keys to the shared cache twice); else None."""
-    if not cfg.reuse_head or verbalizer is None:
+    append the rows' keys to the shared cache twice; no FSDP: the rows' backward reaches the
+    head's keys and values through the cache, which FSDP's hooks do not see, after the block
+    that made them has let go of its whole weights); else None."""
+    if not cfg.reuse_head or verbalizer is None or (cfg.fsdp and distributed.world().distributed):
         return None
     if any(getattr(m, "gradient_checkpointing", False) for m in tuned.model.modules()):
         return None
@@ -155,12 +154,19 @@ def train(
             "here, slower than float32",
             file=sys.stderr,
         )
-    if cfg.bf16:
+    if cfg.fsdp and not world.distributed and world.main:
+        print("warning: fsdp=true in one process: nothing to shard across", file=sys.stderr)
+    if cfg.bf16 and not (cfg.fsdp and world.distributed):
+        # (FSDP keeps a group's weights in one dtype: under it they stay float32)
         # a frozen weight needs no float32 master copy: in bfloat16 it takes half the memory,
         # and autocast no longer makes (and keeps for backward) a bf16 copy of it every step
         for p in tuned.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
+    head = shared_head_ids(tuned, train_ex, verbalizer, cfg)
+    # (before the optimizer: FSDP replaces the parameters with sharded ones)
+    objective = distributed.wrap(Objective(tuned, verbalizer, head), world, device, cfg.fsdp)
+    sharded = distributed.sharded(tuned)  # then every rank gathers what rank 0 writes
     params = [p for p in tuned.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(tuned.param_groups(lr, weight_decay))
     ckpt_dir = out_dir / "checkpoints"
@@ -171,13 +177,16 @@ def train(
         res = TrainResult(**{k: v for k, v in meta["result"].items()})
         if world.main:
             print(f"resumed from {last_path} at step {res.step}")
-    head = shared_head_ids(tuned, train_ex, verbalizer, cfg)
-    objective = distributed.wrap(Objective(tuned, verbalizer, head), world, device)
+
+    def save(tensors: dict, path: Path, meta: dict) -> None:
+        """Rank 0 writes (without FSDP every rank holds the same weights)."""
+        if world.main or sharded:
+            tensors = distributed.gather(tensors, world)
+        if world.main:
+            atomic_save(tensors, path, meta)
 
     def save_last() -> None:
-        if world.main:  # one writer; every rank holds the same weights
-            meta = {"result": asdict(res), "config": asdict(cfg)}
-            save_training_state(last_path, tuned, opt, meta)
+        save(training_state(tuned, opt), last_path, {"result": asdict(res), "config": asdict(cfg)})
 
     bar = tqdm(
         total=cfg.steps,
@@ -224,7 +233,7 @@ def train(
             # dividing by the accumulation steps makes the summed gradient the big batch's mean
             scale = weight * world.size / (denom * cfg.grad_accum)
             sync = micro == cfg.grad_accum - 1 or not world.distributed
-            with nullcontext() if sync else objective.no_sync():  # sync grads once per step
+            with distributed.grad_sync(objective, sync):  # sync grads once per step
                 with autocast(device, cfg.bf16):
                     loss = objective(batch, scale)
                 loss.backward()
@@ -244,18 +253,17 @@ def train(
         record = {"step": res.step, "loss": round(total, 5), "lr": opt.param_groups[0]["lr"]}
         if (val_ex or validate) and (res.step % cfg.eval_every == 0 or res.step == cfg.steps):
             acc = None
-            if world.main:
-                if validate is not None:
-                    acc = validate(tuned)
-                else:
-                    acc = validation_accuracy(tuned, val_ex, verbalizer, pad_id, cfg)
+            if world.main or sharded:  # under FSDP every rank runs the model
+                with distributed.full_weights(tuned):
+                    if validate is not None:
+                        acc = validate(tuned)
+                    else:
+                        acc = validation_accuracy(tuned, val_ex, verbalizer, pad_id, cfg)
             acc = distributed.from_main(acc, world)  # every rank takes the same decisions
             record["validation"] = acc
             if res.best_metric is None or acc > res.best_metric:
                 res.best_metric, res.best_step, res.bad_evals = acc, res.step, 0
-                if world.main:
-                    meta = {"step": res.step, "validation": acc}
-                    atomic_save(tuned.trainable_state(), best_path, meta)
+                save(tuned.trainable_state(), best_path, {"step": res.step, "validation": acc})
             else:
                 res.bad_evals += 1
                 if cfg.patience and res.bad_evals >= cfg.patience:
@@ -270,10 +278,15 @@ def train(
     bar.close()
     if res.stopped_early and world.main:
         print(f"early stop at step {res.step}: no improvement in {cfg.patience} validation runs")
-    if world.main and best_path.is_file() and res.best_step is not None:
+    if sharded and res.best_step is not None:  # every rank takes its part of the best weights
+        distributed.barrier(world)  # rank 0 has written them
         tensors, _ = load(best_path)
-        tuned.load_trainable_state(tensors)
-    if res.best_step is not None:  # rank 0 restored the best weights; the others take them
+        params = dict(tuned.named_parameters())
+        tuned.load_trainable_state({k: distributed.like(v, params[k]) for k, v in tensors.items()})
+    elif res.best_step is not None:  # rank 0 restores the best weights; the others take them
+        if world.main and best_path.is_file():
+            tensors, _ = load(best_path)
+            tuned.load_trainable_state(tensors)
         distributed.broadcast_trainable(tuned, world)
     tuned.eval()
     return res
