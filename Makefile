@@ -23,7 +23,7 @@ demo: $(STAMP)
 	# same rows for 60 steps; prints a summary and where the report is (~15 minutes on 2 cores)
 	$(VENV)/bin/tunelab compare --task demo --out runs/demo \
 		--methods zero-shot,in-context,prompt-tuning,prefix,lora,full \
-		--set steps=60 --set eval_every=30 --set bf16=true $(DEMO_ARGS)
+		--set steps=60 --set eval_every=30 --set bf16=auto $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check tunelab tests benchmarks

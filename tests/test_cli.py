@@ -157,6 +157,21 @@ def test_set_reads_numbers_as_people_write_them():
     assert (cfg.lr, cfg.bf16, cfg.warmup, cfg.schedule) == (3e-3, True, 10.0, "cosine")
 
 
+def test_bf16_auto_is_on_only_where_bfloat16_runs_natively(monkeypatch):
+    import torch
+
+    from tunelab.errors import TunelabError
+    from tunelab.train.config import TrainConfig, apply_overrides
+
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        (cfg,) = apply_overrides(["bf16=auto", "device=cpu"], TrainConfig())
+        assert cfg.bf16 is native
+    with pytest.raises(TunelabError, match="bf16 must be true, false or auto, got 'yes please'"):
+        apply_overrides(["bf16=yes please"], TrainConfig())
+
+
 def test_kill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_task, tmp_path):
     """A real SIGKILL: checkpoints are written atomically, so whatever instant the process dies
     at, --resume continues to the same weights."""

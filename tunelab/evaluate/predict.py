@@ -12,6 +12,7 @@ from tunelab.models.scoring import label_logprobs, make_batch
 from tunelab.tasks.encode import Example
 from tunelab.tasks.template import render
 from tunelab.tasks.verbalizer import Verbalizer
+from tunelab.train import distributed
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -104,6 +105,7 @@ def evaluate_split(
             dynamic_ncols=True,
             mininterval=1.0,
             leave=False,
+            disable=not distributed.world().main,  # one bar (under FSDP every rank evaluates)
         ) as bar,
         autocast(next(tuned.parameters()).device, bf16),
     ):

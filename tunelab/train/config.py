@@ -25,7 +25,9 @@ class TrainConfig:
     warmup: float = 0.06  # a fraction of steps (< 1) or a number of steps
     schedule: str = "linear"  # decay after warmup: linear | cosine | constant
     max_grad_norm: float = 1.0
-    bf16: bool = False  # bfloat16 autocast (CPU with avx512_bf16, or CUDA); frozen weights in bf16
+    # bfloat16 autocast, frozen weights in bf16: true | false | auto (true where it runs natively:
+    # CUDA, or a CPU with avx512_bf16 or AMX)
+    bf16: bool | str = False
     eval_every: int = 50  # steps between validation runs
     patience: int = 0  # validation runs without improvement before stopping; 0 = never stop early
     save_every: int = 50  # steps between checkpoints
@@ -56,6 +58,13 @@ class TrainConfig:
             raise TunelabError(f"padding_side must be left or right, got {self.padding_side!r}")
         if self.lr is not None and self.lr <= 0:
             raise TunelabError(f"lr must be > 0, got {self.lr}")
+        if isinstance(self.bf16, str):
+            if self.bf16 != "auto":
+                raise TunelabError(f"bf16 must be true, false or auto, got {self.bf16!r}")
+            from tunelab.evaluate.predict import native_bf16
+            from tunelab.train.loop import resolve_device
+
+            self.bf16 = native_bf16(resolve_device(self.device))
 
     def warmup_steps(self) -> int:
         return int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
@@ -67,7 +76,7 @@ def _coerce(cls, name: str, raw: str, value):
     if value is None and "None" in kind:
         return None
     if "bool" in kind:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or ("str" in kind and isinstance(value, str)):
             return value
     elif "int" in kind and "float" not in kind:
         if isinstance(value, int) and not isinstance(value, bool):

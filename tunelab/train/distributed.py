@@ -61,8 +61,6 @@ def init(device_name: str) -> tuple[World, torch.device]:
         torch.cuda.set_device(device)
     if w.distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", rank=w.rank, world_size=w.size)
-    if not w.main:  # one progress bar: rank 0's (the others also evaluate under FSDP)
-        os.environ["TQDM_DISABLE"] = "1"
     return w, device
 
 
