@@ -120,7 +120,9 @@ def run(args: argparse.Namespace) -> None:
     world, device = distributed.init(train_cfg.device)
     say = print if world.main else lambda *a, **k: None
     backbone = load_backbone(args.model)
-    backbone.model.to(device)
+    fsdp = train_cfg.fsdp and world.distributed
+    if not fsdp:  # under FSDP each block moves to the device as it is sharded, never whole
+        backbone.model.to(device)
     prep = PreparedTask.load(task, backbone.tokenizer, train_cfg.max_length)
     report = prep.eval_split(args.eval_split)
     prep.limit(report, args.limit)

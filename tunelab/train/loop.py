@@ -146,7 +146,8 @@ def train(
     replaces the default validation (label accuracy on `val_ex`).
     """
     world, device = distributed.init(cfg.device)
-    tuned.to(device)
+    if not (cfg.fsdp and world.distributed):  # FSDP moves each block as it shards it
+        tuned.to(device)
     lean_swiglu(tuned.model)  # fewer saved activations, the same gradients
     if cfg.bf16 and not native_bf16(device) and world.main:
         print(
