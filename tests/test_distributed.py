@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, write_jsonl
 
 from tunelab.train.checkpoint import load
 
@@ -157,5 +157,54 @@ def test_tunelab_train_under_accelerate_launch_matches_one_process(
     assert meta["metrics"]["world_size"] == 2
     a, _ = load(tmp_path / "one" / "adapter_model.safetensors")
     b, _ = load(tmp_path / "two" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
+
+
+GENERATION_TASK = """\
+name: tiny-sql
+data:
+  train: train.jsonl
+input_fields: [question]
+template: "Question: {question}\\nSQL:"
+target: " {query}"
+generation:
+  max_new_tokens: 12
+  stop: ["\\n"]
+validation:
+  size: 2
+"""
+
+
+@needs_torchrun
+def test_fsdp_validates_a_generation_task_by_decoding_on_every_rank(tiny_model_dir, tmp_path):
+    """Greedy decoding (validation and the final report) runs the sharded model on both ranks;
+    the artifact and the exact match equal one process's."""
+    rows = [
+        {"question": f"How many {t} rows are there?", "query": f"SELECT count(*) FROM {t}"}
+        for t in ("singer", "concert", "stadium", "song", "album", "band")
+    ]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    task = tmp_path / "task.yaml"
+    task.write_text(GENERATION_TASK)
+    cmd = [
+        "-m", "tunelab", "train", "--task", str(task), "--model", str(tiny_model_dir),
+        "--method", "full", "--out", "OUT", "--eval-split", "train", "--set", "steps=4",
+        "--set", "batch_size=4", "--set", "eval_every=2", "--set", "lr=1e-3", "--set", "fsdp=true",
+    ]  # fmt: skip
+    launch([a.replace("OUT", str(tmp_path / "one")) for a in cmd], 1)
+    two = launch([a.replace("OUT", str(tmp_path / "two")) for a in cmd], 2)
+    assert two.stdout.count("artifact:") == 1
+    meta_one = json.loads((tmp_path / "one" / "tunelab.json").read_text())
+    meta_two = json.loads((tmp_path / "two" / "tunelab.json").read_text())
+    assert [h["step"] for h in meta_two["history"] if "validation" in h] == [2, 4]
+    assert [h.get("validation") for h in meta_two["history"]] == [
+        h.get("validation") for h in meta_one["history"]
+    ]
+    for m in (meta_one["metrics"]["train"], meta_two["metrics"]["train"]):
+        m.pop("seconds")
+    assert meta_two["metrics"]["train"] == meta_one["metrics"]["train"]
+    a, _ = load(tmp_path / "one" / "trainable.safetensors")
+    b, _ = load(tmp_path / "two" / "trainable.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)

@@ -57,17 +57,20 @@ def training_state(tuned, optimizer: torch.optim.Optimizer) -> dict[str, torch.T
     return tensors
 
 
+def restore_trainable(tuned, tensors: dict[str, torch.Tensor]) -> None:
+    """Load whole trainable tensors into `tuned`, each split like its parameter under FSDP."""
+    params = dict(tuned.named_parameters())
+    tuned.load_trainable_state(
+        {k: like(v, params[k]) if k in params else v for k, v in tensors.items()}
+    )
+
+
 def load_training_state(path: Path, tuned, optimizer: torch.optim.Optimizer) -> dict:
     """Read a checkpoint of whole tensors into `tuned` and `optimizer`, each split like the
     parameter it belongs to when FSDP shards the model."""
     tensors, meta = load(path)
-    params = dict(tuned.named_parameters())
-    trainable = {}
-    for key, value in tensors.items():
-        if key.startswith("trainable."):
-            name = key[len("trainable.") :]
-            trainable[name] = like(value, params[name]) if name in params else value
-    tuned.load_trainable_state(trainable)
+    n = len("trainable.")
+    restore_trainable(tuned, {k[n:]: v for k, v in tensors.items() if k.startswith("trainable.")})
     by_index = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict[int, dict] = {}
     for key, value in tensors.items():

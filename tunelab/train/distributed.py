@@ -123,18 +123,22 @@ def full_weights(tuned: nn.Module):
 @contextmanager
 def grad_sync(objective: nn.Module, on: bool):
     """Leave gradients unsynchronised across ranks inside unless `on` (accumulation steps)."""
-    root = next((m for m in objective.modules() if isinstance(m, FSDPModule)), None)
-    if on or not (isinstance(objective, nn.parallel.DistributedDataParallel) or root):
+    if on:
         yield
-    elif root is None:
+        return
+    if isinstance(objective, nn.parallel.DistributedDataParallel):
         with objective.no_sync():
             yield
-    else:
-        root.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            root.set_requires_gradient_sync(True)
+        return
+    root = next((m for m in objective.modules() if isinstance(m, FSDPModule)), None)
+    if root is None:  # one process
+        yield
+        return
+    root.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
 
 
 def gather(tensors: dict[str, torch.Tensor], w: World) -> dict[str, torch.Tensor] | None:

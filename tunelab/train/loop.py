@@ -18,7 +18,13 @@ from tunelab.models.head_cache import after_head, head_ids
 from tunelab.models.lean import lean_swiglu
 from tunelab.models.scoring import make_batch
 from tunelab.train import distributed
-from tunelab.train.checkpoint import atomic_save, load, load_training_state, training_state
+from tunelab.train.checkpoint import (
+    atomic_save,
+    load,
+    load_training_state,
+    restore_trainable,
+    training_state,
+)
 from tunelab.train.config import TrainConfig
 
 
@@ -79,8 +85,8 @@ class Objective(nn.Module):
     """The training loss as a module's forward, so that DistributedDataParallel can wrap it
     (FSDP wraps `tuned`, whose forward this calls).
 
-        Returns the batch's summed loss times `scale`: 1 / (rows in the global batch) for labels,
-        1 / (target tokens in the global batch) for generation, so one process gets the mean."""
+    Returns the batch's summed loss times `scale`: 1 / (rows in the global batch) for labels,
+    1 / (target tokens in the global batch) for generation, so one process gets the mean."""
 
     def __init__(self, tuned, verbalizer, head_ids: list[int] | None = None):
         super().__init__()
@@ -279,15 +285,12 @@ def train(
     bar.close()
     if res.stopped_early and world.main:
         print(f"early stop at step {res.step}: no improvement in {cfg.patience} validation runs")
-    if sharded and res.best_step is not None:  # every rank takes its part of the best weights
-        distributed.barrier(world)  # rank 0 has written them
-        tensors, _ = load(best_path)
-        params = dict(tuned.named_parameters())
-        tuned.load_trainable_state({k: distributed.like(v, params[k]) for k, v in tensors.items()})
-    elif res.best_step is not None:  # rank 0 restores the best weights; the others take them
-        if world.main and best_path.is_file():
-            tensors, _ = load(best_path)
-            tuned.load_trainable_state(tensors)
-        distributed.broadcast_trainable(tuned, world)
+    if res.best_step is not None:
+        if sharded:  # every rank reads its part of the best weights, once rank 0 wrote them
+            distributed.barrier(world)
+        if (world.main or sharded) and best_path.is_file():
+            restore_trainable(tuned, load(best_path)[0])
+        if not sharded:  # rank 0 restored the best weights; the others take them
+            distributed.broadcast_trainable(tuned, world)
     tuned.eval()
     return res
