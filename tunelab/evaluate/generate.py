@@ -29,7 +29,6 @@ def greedy_generate(
     """The greedy continuation of each prompt, up to EOS, a stop string or max_new_tokens."""
     from transformers import DynamicCache
 
-    model = tuned.model
     device = next(tuned.parameters()).device
     was_training = tuned.training
     tuned.eval()
@@ -48,33 +47,52 @@ def greedy_generate(
             mask = torch.cat([mask.new_ones(len(idx), tuned.prefix.n), mask], 1)
         else:
             cache = DynamicCache()
-        generated = torch.empty(len(idx), 0, dtype=torch.long, device=device)
-        done = torch.zeros(len(idx), dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            h = model.base_model(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state
-            nxt = model.get_output_embeddings()(h[:, -1]).argmax(-1)  # (B,)
-            nxt = nxt.masked_fill(done, tokenizer.pad_token_id)
-            generated = torch.cat([generated, nxt[:, None]], 1)
-            done |= nxt == tokenizer.eos_token_id
-            if stop:
-                texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-                ended = [any(s in t.lstrip() for s in stop if s) for t in texts]
-                done |= torch.tensor(ended, device=device)
-            if bool(done.all()):
-                break
-            embeds = model.get_input_embeddings()(nxt[:, None])  # (B, 1, D)
-            mask = torch.cat([mask, mask.new_ones(len(idx), 1)], 1)
-            pos = pos[:, -1:] + 1
-        for row, i in enumerate(idx):
-            text = tokenizer.decode(generated[row], skip_special_tokens=True)
-            out[i] = cut_at_stop(text, stop).strip()
+        texts = greedy_loop(
+            tuned.model,
+            tokenizer,
+            (embeds, mask, pos, cache),
+            [max_new_tokens] * len(idx),
+            [stop] * len(idx),
+            tokenizer.pad_token_id,
+        )
+        for i, text in zip(idx, texts):
+            out[i] = text
         if progress is not None:
             progress.update(len(idx))
     tuned.train(was_training)
     return out
+
+
+@torch.no_grad()
+def greedy_loop(model, tokenizer, start, limits: list[int], stops: list[list[str]], pad: int):
+    """Greedy decoding from `start` = (left-padded input embeddings, mask, positions, a cache of
+    whatever precedes them): row r ends at EOS, at one of `stops[r]` or after `limits[r]` tokens.
+    Returns each row's text, cut at its stop string. `tunelab predict`/`eval` and the server's
+    mixed-task batches decode with this one loop."""
+    embeds, mask, pos, cache = start
+    device, B = embeds.device, embeds.shape[0]
+    limit = torch.tensor(limits, device=device)
+    generated = torch.empty(B, 0, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max(limits)):
+        h = model.base_model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        nxt = model.get_output_embeddings()(h[:, -1]).argmax(-1).masked_fill(done, pad)  # (B,)
+        generated = torch.cat([generated, nxt[:, None]], 1)
+        done |= (nxt == tokenizer.eos_token_id) | (step + 1 >= limit)
+        if any(stops):
+            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            ended = [any(s in t.lstrip() for s in st if s) for t, st in zip(texts, stops)]
+            done |= torch.tensor(ended, device=device)
+        if bool(done.all()):
+            break
+        embeds = model.get_input_embeddings()(nxt[:, None])  # (B, 1, D)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+        pos = pos[:, -1:] + 1
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    return [cut_at_stop(t, st).strip() for t, st in zip(texts, stops)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.evaluate.generate import cut_at_stop, greedy_generate
+from tunelab.evaluate.generate import greedy_generate, greedy_loop
 from tunelab.models.head_cache import after_heads
 from tunelab.serve.forward import head_of, length_chunks, routing, task_routing
 from tunelab.tasks.encode import Example
@@ -17,39 +17,12 @@ def _decode_chunk(model, tokenizer, rows: list[tuple], pad: int) -> list[str]:
     """rows: (head, used slots, suffix ids, adapter, max tokens, stop strings) -> texts."""
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
     embeds, mask, pos, cache = after_heads(
         model, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], pad
     )
-    if cache is None:
-        cache = DynamicCache()
-    limits = torch.tensor([r[4] for r in rows], device=device)
-    B = len(rows)
-    generated = torch.empty(B, 0, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    start = (embeds, mask, pos, DynamicCache() if cache is None else cache)
     with routing(model, [r[3] for r in rows]):
-        for step in range(int(limits.max())):
-            h = model.base_model(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state
-            nxt = model.get_output_embeddings()(h[:, -1]).argmax(-1).masked_fill(done, pad)
-            generated = torch.cat([generated, nxt[:, None]], 1)
-            done |= (nxt == tokenizer.eos_token_id) | (step + 1 >= limits)
-            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-            done |= torch.tensor(
-                [any(s in t for s in r[5] if s) for t, r in zip(texts, rows)], device=device
-            )
-            if bool(done.all()):
-                break
-            embeds = model.get_input_embeddings()(nxt[:, None])  # (B, 1, D)
-            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-            pos = pos[:, -1:] + 1
-    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
-    return [cut_at_stop(t, r[5]).strip() for t, r in zip(texts, rows)]
+        return greedy_loop(model, tokenizer, start, [r[4] for r in rows], [r[5] for r in rows], pad)
 
 
 @torch.no_grad()
