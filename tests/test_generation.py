@@ -16,9 +16,16 @@ from tunelab.errors import TunelabError
 from tunelab.evaluate.generate import cut_at_stop, greedy_generate
 from tunelab.evaluate.metrics import generation_metrics, token_f1
 from tunelab.models import load_backbone
-from tunelab.models.scoring import make_batch, target_nll
+from tunelab.models.scoring import make_batch
 from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
+from tunelab.train.loop import Objective
+
+
+def target_nll(tuned, batch: dict) -> torch.Tensor:
+    """The mean target-token NLL of `batch`, as the training loop computes it."""
+    return Objective(tuned, None)(batch, 1 / batch["target_mask"].sum().item())
+
 
 TABLES = ["singer", "concert", "stadium", "song"]
 
@@ -69,6 +76,7 @@ def test_the_loss_counts_target_tokens_only(tiny_model_dir, sql_task):
     batch = make_batch(
         tuned, examples, None, backbone.tokenizer.pad_token_id, "left", torch.device("cpu")
     )
+    # the training loss: summed target-token NLL scaled by 1 / (target tokens in the batch)
     got = target_nll(tuned, batch)
     # brute force: full logits of each unpadded row, cross-entropy over its target slots only
     total, count = 0.0, 0

@@ -77,12 +77,6 @@ def _target_logprobs(tuned, h, last, batch) -> torch.Tensor:
     return logp.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~valid, 0.0)
 
 
-def target_nll(tuned, batch: dict) -> torch.Tensor:
-    """Mean negative log-likelihood over every target token of the batch (generation loss)."""
-    tok = target_logprobs(tuned, batch)
-    return -tok.sum() / batch["target_mask"].sum()
-
-
 def label_logprobs(tuned, batch: dict, verbalizer: Verbalizer) -> torch.Tensor:
     """(B, C) log-probabilities of each label, normalised over the labels."""
     h, mask = hidden_states(tuned, batch["input_ids"], batch["attention_mask"])
