@@ -9,6 +9,8 @@ from tunelab.compare.advise import add_arguments as add_advise_arguments
 from tunelab.compare.advise import run as run_advise
 from tunelab.compare.run import add_arguments as add_compare_arguments
 from tunelab.compare.run import run as run_compare
+from tunelab.compare.tune import add_arguments as add_tune_arguments
+from tunelab.compare.tune import run as run_tune
 from tunelab.errors import TunelabError
 from tunelab.evaluate.cli import add_eval_arguments, add_predict_arguments, run_eval, run_predict
 from tunelab.serve.cli import add_arguments as add_serve_arguments
@@ -21,6 +23,7 @@ COMMANDS = {
     "eval": (add_eval_arguments, run_eval),
     "predict": (add_predict_arguments, run_predict),
     "compare": (add_compare_arguments, run_compare),
+    "tune": (add_tune_arguments, run_tune),
     "advise": (add_advise_arguments, run_advise),
     "serve": (add_serve_arguments, run_serve),
 }

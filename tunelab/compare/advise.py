@@ -8,15 +8,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab.compare.evidence import certainty, prior_gaps
 from tunelab.errors import TunelabError
 from tunelab.evaluate.metrics import headline
 
 GB = 2**30
-RUNTIME_BYTES = 0.6 * GB  # Python, torch and transformers themselves, measured on CPU
+# Python, torch and transformers themselves: 0.37 GB peak RSS on the AMD EPYC dev machine
+# (benchmarks/RESULTS.md, "`tunelab advise`: memory estimate against measured peaks")
+RUNTIME_BYTES = 0.45 * GB
 PRIORITIES = ("accuracy", "cost", "flexibility")
-# without measurements: the usual order of accuracy at equal budget on small models
-# (Lester et al. 2021 and Liu et al. 2022 find prompt tuning lags below ~1B parameters)
-ACCURACY_PRIOR = ["full", "lora", "hybrid", "freeze", "prefix", "head", "prompt-tuning"]
+METHODS = ("prompt-tuning", "prefix", "lora", "freeze", "head", "full", "hybrid")
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Shape:
     layers: int
     heads: int
     vocab: int
-
+    kv_dim: int = 0  # key (and value) width per token: kv heads x head size; 0: hidden
     @classmethod
     def from_config(cls, c) -> Shape:
         hidden, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
@@ -40,7 +41,7 @@ class Shape:
         block = attn + 3 * hidden * inter + 2 * hidden
         tied = getattr(c, "tie_word_embeddings", False)
         params = layers * block + vocab * hidden * (1 if tied else 2) + hidden
-        return cls(params, hidden, inter, layers, c.num_attention_heads, vocab)
+        return cls(params, hidden, inter, layers, c.num_attention_heads, vocab, kv * head_dim)
 
 
 def trainable_parameters(s: Shape, method: str, r: int = 8, tokens: int = 20, top: int = 2) -> int:
@@ -61,10 +62,15 @@ def trainable_parameters(s: Shape, method: str, r: int = 8, tokens: int = 20, to
 def training_memory(s: Shape, method: str, batch: int, length: int) -> dict[str, float]:
     """Bytes for weights, gradients, AdamW state and stored activations (fp32)."""
     n = trainable_parameters(s, method)
-    tokens = batch * length
-    # activations kept for backward, per token and layer: the block's inputs and outputs of
-    # each linear, norms, and attention probabilities (eager attention stores them)
-    per_layer = tokens * (16 * s.hidden + 4 * s.intermediate) + batch * s.heads * length**2
+    # `length` is a row's own tokens: a soft prompt runs once per batch (the shared head)
+    tokens = batch * length + (20 if method in ("prompt-tuning", "hybrid") else 0)
+    # activations kept for backward, per token and layer: the inputs of the two norms, of the
+    # attention projections and of o_proj, queries, keys and values, and the MLP's gate and up
+    # outputs and down input (models/lean.py keeps no third tensor), plus attention
+    # probabilities where eager attention stores them
+    kv = s.kv_dim or s.hidden
+    per_token = 6 * s.hidden + 2 * kv + 3 * s.intermediate
+    per_layer = tokens * per_token + batch * s.heads * length**2
     through = {"head": 0, "freeze": 2}.get(method, s.layers)  # layers gradients pass through
     return {
         "runtime": RUNTIME_BYTES,
@@ -83,6 +89,21 @@ def serving_memory(s: Shape, method: str, tasks: int) -> float:
     return backbone + tasks * 4 * trainable_parameters(s, method)
 
 
+def _measured_score(rec: dict) -> dict:
+    """{"accuracy", "low", "high", "verdict"} from a report row (intervals and paired tests) or
+    a bare results.json record."""
+    if "metrics" in rec and "metric" not in rec:
+        return {"accuracy": headline(rec["metrics"])[1], "low": None, "high": None,
+                "verdict": None}  # fmt: skip
+    ci = rec.get("interval")
+    return {
+        "accuracy": rec.get("metric"),
+        "low": ci.low if ci else None,
+        "high": ci.high if ci else None,
+        "verdict": rec.get("verdict"),
+    }
+
+
 def recommend(
     s: Shape,
     tasks: int,
@@ -92,65 +113,112 @@ def recommend(
     length: int = 128,
     measured: dict[str, dict] | None = None,
 ) -> dict:
-    """{"recommended", "runner_up", "reasons", "table"}; `measured` maps method -> record."""
+    """{"recommended", "runner_up", "reasons", "table"}: `table` in ranked order, each row with
+    its "note" where it stands above a method that measured better (the reason: cost, number
+    of tasks, memory). `measured` maps method -> a report row of `tunelab compare` (or a bare
+    record); without it accuracy comes from the shipped evidence (compare/evidence.py)."""
     if priority not in PRIORITIES:
         raise TunelabError(f"--priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
+    gaps = prior_gaps()
     rows = []
-    for m in ACCURACY_PRIOR:
+    for m in METHODS:
         train = sum(training_memory(s, m, batch, length).values())
-        rec = (measured or {}).get(m)
+        score = _measured_score(measured[m]) if measured and m in measured else None
+        if measured and score is None:
+            continue  # not in the user's comparison: nothing to rank it by
         rows.append(
             {
                 "method": m,
                 "train_gb": train / GB,
                 "serve_gb": serving_memory(s, m, tasks) / GB,
                 "fits": train <= budget_gb * GB,
-                "accuracy": headline(rec["metrics"])[1] if rec else None,
-                "prior_rank": ACCURACY_PRIOR.index(m),
+                "accuracy": score["accuracy"] if score else None,
+                "interval": (score["low"], score["high"]) if score and score["low"] else None,
+                "verdict": score["verdict"] if score else None,
+                "prior_gap": None if measured else gaps.get(m),
+                "note": None,
             }
         )
+    if not rows:
+        raise TunelabError("--results: no trained method finished in that comparison")
     fitting = [r for r in rows if r["fits"]] or sorted(rows, key=lambda r: r["train_gb"])[:1]
 
-    def accuracy_key(r):  # measured accuracy first, the prior where nothing was measured
-        return (-(r["accuracy"] if r["accuracy"] is not None else -1), r["prior_rank"])
+    def accuracy_key(r):  # higher is better; unmeasured last
+        value = r["accuracy"] if measured else r["prior_gap"]
+        return -value if value is not None else float("inf")
 
     if priority == "accuracy":
         ranked = sorted(fitting, key=accuracy_key)
+        top = [r for r in ranked if r["verdict"] in ("best", "tied")]
+        if tasks > 1 and len(top) > 1:  # tied at the top: the one that serves N tasks cheapest
+            pick = min(top, key=lambda r: (r["serve_gb"], accuracy_key(r)))
+            ranked.remove(pick)
+            ranked.insert(0, pick)
     elif priority == "cost":
         ranked = sorted(fitting, key=lambda r: (r["train_gb"], r["serve_gb"]))
     else:
         ranked = sorted(fitting, key=lambda r: (r["serve_gb"], accuracy_key(r)))
+    _explain_inversions(ranked, priority, tasks, bool(measured))
     best, runner = ranked[0], ranked[1] if len(ranked) > 1 else None
-    if (
-        priority == "accuracy"
-        and tasks > 1
-        and best["method"] in ("full", "lora")
-        and any(r["method"] == "hybrid" for r in fitting)
-    ):
-        # many tasks and high accuracy: one shared LoRA core, a soft prompt per task
-        hybrid = next(r for r in fitting if r["method"] == "hybrid")
-        best, runner = hybrid, best
     reasons = _reasons(best, runner, rows, tasks, budget_gb, priority, bool(measured))
+    table = ranked + [r for r in rows if r not in ranked]
     return {
         "recommended": best["method"],
         "runner_up": runner and runner["method"],
         "reasons": reasons,
-        "table": rows,
+        "table": table,
     }
+
+
+def _explain_inversions(ranked: list[dict], priority: str, tasks: int, measured: bool) -> None:
+    """Give every method ranked above one that measured better the reason it stands there."""
+    for i, r in enumerate(ranked):
+        better = [o for o in ranked[i + 1 :] if _score(o, measured) > _score(r, measured) + 1e-12]
+        if not better:
+            continue
+        o = max(better, key=lambda o: _score(o, measured))
+        gap = _score(o, measured) - _score(r, measured)
+        if priority == "accuracy":
+            why = (
+                f"tied with {o['method']} within the 95% interval, and serves {tasks} tasks in "
+                f"{r['serve_gb']:.2f} GB against {o['serve_gb']:.2f} GB"
+            )
+        elif priority == "cost":
+            why = f"cheaper to train: {r['train_gb']:.1f} GB against {o['train_gb']:.1f} GB"
+        else:
+            why = (
+                f"cheaper to serve {tasks} task(s): {r['serve_gb']:.2f} GB against "
+                f"{o['serve_gb']:.2f} GB"
+            )
+        what = "measured" if measured else "measured, on average over the shipped tasks,"
+        r["note"] = f"above {o['method']} (which {what} {gap:.3f} higher): {why}"
+
+
+def _score(r: dict, measured: bool) -> float:
+    value = r["accuracy"] if measured else r["prior_gap"]
+    return value if value is not None else float("-inf")
 
 
 def _reasons(best, runner, rows, tasks, budget_gb, priority, measured) -> list[str]:
     out = [f"priority {priority}, {tasks} task(s), {budget_gb:g} GB for training"]
+    score = ""
+    if best["accuracy"] is not None:
+        score = f", measured accuracy {best['accuracy']:.4f}"
+        if best["interval"]:
+            score += f" (95% interval {best['interval'][0]:.4f}-{best['interval'][1]:.4f})"
+    elif best["prior_gap"] is not None:
+        gap = -best["prior_gap"]
+        score = (
+            f", on average {gap:.3f} below the best method of the shipped tasks"
+            if gap > 0
+            else ", the most accurate on every shipped task that measured it"
+        )
     out.append(
         f"{best['method']}: about {best['train_gb']:.1f} GB to train, "
-        f"{best['serve_gb']:.2f} GB to serve {tasks} task(s)"
-        + (f", measured accuracy {best['accuracy']:.4f}" if best["accuracy"] is not None else "")
+        f"{best['serve_gb']:.2f} GB to serve {tasks} task(s){score}"
     )
-    if best["method"] == "hybrid":
-        out.append(
-            "many tasks and accuracy both matter: one LoRA core shared by every task, "
-            "a soft prompt per task (tasks switch without reloading weights)"
-        )
+    if best["note"]:
+        out.append(f"{best['method']} is {best['note']}")
     too_big = [r["method"] for r in rows if not r["fits"]]
     if too_big:
         out.append(f"over the budget to train: {', '.join(too_big)}")
@@ -160,10 +228,7 @@ def _reasons(best, runner, rows, tasks, budget_gb, priority, measured) -> list[s
             f"{runner['serve_gb']:.2f} GB to serve"
         )
     if not measured:
-        out.append(
-            "accuracy order is the usual one for small models; pass --results from "
-            "`tunelab compare` to rank by what your data measured"
-        )
+        out.append(certainty())
     return out
 
 
@@ -176,7 +241,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--results",
         type=Path,
         default=None,
-        help="results.json from `tunelab compare`: rank by measured accuracy",
+        help="a `tunelab compare` folder or its results.json: rank by the accuracy measured "
+        "there (means, 95%% intervals and ties when it kept per-row scores)",
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per training row")
@@ -192,13 +258,7 @@ def run(args: argparse.Namespace) -> None:
         raise TunelabError(f"--tasks must be >= 1, got {args.tasks}")
     _, where = resolve(args.model)
     shape = Shape.from_config(AutoConfig.from_pretrained(where))
-    measured = None
-    if args.results:
-        try:
-            results = json.loads(args.results.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise TunelabError(f"{args.results}: cannot read results: {e}") from None
-        measured = {r["method"]: r for r in results.get("records", []) if r["status"] == "ok"}
+    measured = _read_measured(args.results) if args.results else None
     advice = recommend(
         shape, args.tasks, args.memory_gb, args.priority, args.batch_size, args.seq_len, measured
     )
@@ -207,9 +267,24 @@ def run(args: argparse.Namespace) -> None:
     print(f"runner-up: {advice['runner_up']}")
     for reason in advice["reasons"]:
         print(f"  - {reason}")
-    print(f"\n{'method':<14}{'train GB':>10}{'serve GB':>10}  fits")
+    label = "accuracy" if measured else "vs best"
+    print(f"\n{'method':<14}{label:>9}{'train GB':>10}{'serve GB':>10}  fits  why here")
     for r in advice["table"]:
+        value = r["accuracy"] if measured else r["prior_gap"]
+        shown = "—" if value is None else f"{value:+.3f}" if not measured else f"{value:.4f}"
         print(
-            f"{r['method']:<14}{r['train_gb']:>10.2f}{r['serve_gb']:>10.2f}  "
-            f"{'yes' if r['fits'] else 'no'}"
+            f"{r['method']:<14}{shown:>9}{r['train_gb']:>10.2f}{r['serve_gb']:>10.2f}  "
+            f"{'yes ' if r['fits'] else 'no  '}  {r['note'] or ''}"
         )
+
+
+def _read_measured(path: Path) -> dict[str, dict]:
+    """Per trained method, its row of the comparison's report (tuned runs where it searched)."""
+    from tunelab.compare.report import summarise
+
+    file = path / "results.json" if path.is_dir() else path
+    try:
+        results = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TunelabError(f"{file}: cannot read results: {e}") from None
+    return {r["method"]: r for r in summarise(results) if r["seeds"] and r["method"] in METHODS}

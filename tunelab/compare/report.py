@@ -1,5 +1,6 @@
-"""Reports for `tunelab compare`: results.json aggregated per method, written as Markdown and as a
-self-contained HTML page with inline SVG plots (standard library only)."""
+"""Reports for `tunelab compare`: results.json aggregated per method, with intervals and paired
+tests when runs kept their per-row scores, written as Markdown and as a self-contained HTML page
+with inline SVG plots (compare/plots.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import tempfile
 from itertools import groupby
 from pathlib import Path
 
-from tunelab.compare.svg import si, svg_plot
+from tunelab.compare import stats
+from tunelab.compare.plots import Series, frontier, plot, si
 
 FIELDS = (
     "trainable_parameters", "peak_memory_mb", "train_seconds", "train_examples_per_second",
@@ -47,6 +49,15 @@ NOTE = (
     "Scores are means over the seeds that finished; ± is the sample standard deviation (2+ "
     "seeds). Peak memory is the process peak on CPU, peak allocated on GPU."
 )
+NOTE_INTERVAL = (
+    "The 95% interval is a bootstrap over the test rows and the seeds (what another sample of "
+    "test rows and another training run could give); with one seed it covers the test rows "
+    "only. A method is tied with the best when the 95% interval of its paired difference from "
+    "the best (the same test rows for both) holds 0. Pareto: no other method is at least as "
+    "accurate while costing no more in trainable parameters, peak memory, artifact size and "
+    "training time."
+)
+PARETO_COSTS = ("trainable_parameters", "peak_memory_mb", "artifact_bytes", "train_seconds")
 CSS = """body{font:14px/1.45 system-ui,sans-serif;color:#222;max-width:1160px;margin:24px auto;
 padding:0 16px}h1{font-size:22px}h2{font-size:17px;margin-top:28px}.scroll{overflow-x:auto}
 table{border-collapse:collapse;font-size:12px}code{background:#f3f3f3;padding:1px 4px}
@@ -54,8 +65,7 @@ th,td{border:1px solid #ccc;padding:4px 6px;vertical-align:top;text-align:left}
 td.n{white-space:nowrap}td.t{min-width:130px}
 thead tr:first-child th{background:#e8eef6;text-align:center}thead th{background:#f3f5f8}
 tbody tr:nth-child(even){background:#fafafa}.plots{display:flex;flex-wrap:wrap;gap:12px}
-svg.plot{border:1px solid #ddd;font-size:11px;fill:#222}svg .g{stroke:#eee}svg .at{font-size:12px}
-svg .ax{stroke:#444;fill:none}svg .pt{font-size:13px;font-weight:600}"""
+svg.plot{border:1px solid #ddd;max-width:100%;height:auto}"""
 
 
 def _stats(values) -> tuple[float | None, float | None]:
@@ -77,30 +87,119 @@ def _curve(records: list[dict]) -> list[tuple[float, float]]:
     return sorted((step, statistics.fmean(v)) for step, v in by_step.items())
 
 
+def _main_records(results: dict) -> dict[str, list[dict]]:
+    """Records by method: a tuned method's tuned runs, any other method's runs."""
+    tuned = set(results.get("tuning") or {})
+    by_method: dict[str, list[dict]] = {}
+    for rec in results.get("records") or []:
+        method = rec.get("method", "?")
+        if method in tuned and rec.get("config") != "tuned":
+            continue
+        by_method.setdefault(method, []).append(rec)
+    for method in tuned:  # a method whose every tuned run failed still shows, as failed
+        if method not in by_method and (results["tuning"][method] or {}).get("best") is None:
+            by_method[method] = [
+                {"method": method, "status": "failed", "error": "no trial finished"}
+            ]
+    return by_method
+
+
+def _aggregate(method: str, recs: list[dict], headline: str, model_params) -> dict:
+    ok = [r for r in recs if r.get("status") == "ok"]
+    failed = [r.get("error") or "unknown error" for r in recs if r.get("status") != "ok"]
+    row: dict = {"method": method, "seeds": len(ok), "failed": failed, "curve": _curve(ok)}
+    names = dict.fromkeys([headline, *(k for r in ok for k in r.get("metrics") or {})])
+    names.pop("n", None)
+    row["metrics"] = {k: _stats((r.get("metrics") or {}).get(k) for r in ok) for k in names}
+    row["metric"], row["metric_std"] = row["metrics"][headline]
+    for field in (*FIELDS, "total_parameters"):
+        row[field], row[field + "_std"] = _stats(r.get(field) for r in ok)
+    total, trained = row["total_parameters"] or model_params, row["trainable_parameters"]
+    row["trainable_percent"] = 100 * trained / total if trained is not None and total else None
+    per_row = [r["per_row"] for r in ok if r.get("per_row")]
+    same = per_row and all(len(x) == len(per_row[0]) for x in per_row)
+    row["scores"] = per_row if same and len(per_row) == len(ok) else None
+    row["interval"] = stats.interval(row["scores"]) if row["scores"] else None
+    row["paired"], row["verdict"] = None, None
+    return row
+
+
 def summarise(results: dict) -> list[dict]:
     """One row per method, in first-appearance order: mean and `<field>_std` of the headline
     metric ("metric") and each numeric field over ok seeds, "metrics" {name: (mean, std)},
-    "seeds" (ok count), "trainable_percent", "failed" (errors) and "curve" (validation)."""
-    by_method: dict[str, list[dict]] = {}
-    for rec in results.get("records") or []:
-        by_method.setdefault(rec.get("method", "?"), []).append(rec)
+    "seeds" (ok count), "trainable_percent", "failed" (errors) and "curve" (validation); where
+    the runs kept per-row scores, "interval" (95%), and "paired" (against the best) with
+    "verdict": best, tied or below. A tuned method's row is its tuned runs."""
     headline = results.get("metric", "accuracy")
     model_params = (results.get("model") or {}).get("parameters")
-    rows = []
-    for method, recs in by_method.items():
-        ok = [r for r in recs if r.get("status") == "ok"]
-        failed = [r.get("error") or "unknown error" for r in recs if r.get("status") != "ok"]
-        row: dict = {"method": method, "seeds": len(ok), "failed": failed, "curve": _curve(ok)}
-        names = dict.fromkeys([headline, *(k for r in ok for k in r.get("metrics") or {})])
-        names.pop("n", None)
-        row["metrics"] = {k: _stats((r.get("metrics") or {}).get(k) for r in ok) for k in names}
-        row["metric"], row["metric_std"] = row["metrics"][headline]
-        for field in (*FIELDS, "total_parameters"):
-            row[field], row[field + "_std"] = _stats(r.get(field) for r in ok)
-        total, trained = row["total_parameters"] or model_params, row["trainable_parameters"]
-        row["trainable_percent"] = 100 * trained / total if trained is not None and total else None
-        rows.append(row)
+    rows = [
+        _aggregate(method, recs, headline, model_params)
+        for method, recs in _main_records(results).items()
+    ]
+    _compare_with_best(rows)
+    _mark_pareto(rows)
     return rows
+
+
+def _compare_with_best(rows: list[dict]) -> None:
+    scored = [r for r in rows if r["interval"] is not None]
+    if not scored or len({len(r["scores"][0]) for r in scored}) != 1:
+        return  # no per-row scores, or scored on different rows: nothing to pair
+    best = max(scored, key=lambda r: r["metric"])
+    for r in scored:
+        if r is best:
+            r["verdict"] = "best"
+            continue
+        r["paired"] = stats.paired(best["scores"], r["scores"])
+        r["verdict"] = "tied" if r["paired"].tied else "below"
+
+
+def _mark_pareto(rows: list[dict]) -> None:
+    """Set "pareto": True on the accuracy-versus-cost frontier (every cost in PARETO_COSTS), False
+    when another method is at least as accurate and costs no more, None when unknown."""
+    ok = [r for r in rows if r["seeds"] and r["metric"] is not None]
+    for r in rows:
+        r["pareto"], r["dominated_by"] = None, None
+    for r in ok:
+        costs = [r[c] or 0 for c in PARETO_COSTS]
+        for o in ok:
+            if o is r:
+                continue
+            other = [o[c] or 0 for c in PARETO_COSTS]
+            no_worse = o["metric"] >= r["metric"] and all(a <= b for a, b in zip(other, costs))
+            if no_worse and (o["metric"] > r["metric"] or other != costs):
+                r["dominated_by"] = o["method"]
+                break
+        r["pareto"] = r["dominated_by"] is None
+
+
+def tuning_rows(results: dict) -> list[dict]:
+    """Per tuned method: its defaults' runs against its tuned runs, and what the search found."""
+    headline = results.get("metric", "accuracy")
+    model_params = (results.get("model") or {}).get("parameters")
+    out = []
+    for method, t in (results.get("tuning") or {}).items():
+        recs = [r for r in results.get("records") or [] if r.get("method") == method]
+        best = (t or {}).get("best")
+        tuned = _aggregate(method, [r for r in recs if r.get("config") == "tuned"], headline,
+                           model_params)  # fmt: skip
+        default_recs = [r for r in recs if r.get("config") == "default"]
+        if best and best.get("number") == 0:  # the defaults won the search: the same runs
+            default_recs = [r for r in recs if r.get("config") == "tuned"]
+        default = _aggregate(method, default_recs, headline, model_params)
+        found = (t or {}).get("trials") or []
+        out.append({
+            "method": method,
+            "default": default,
+            "tuned": tuned,
+            "default_params": (t or {}).get("default"),
+            "best": best,
+            "trials": len(found),
+            "pruned": sum(x["state"] == "pruned" for x in found),
+            "failed": sum(x["state"] == "failed" for x in found),
+            "found": found,
+        })  # fmt: skip
+    return out
 
 
 def winners(rows: list[dict]) -> dict:
@@ -153,16 +252,60 @@ def _title(results: dict) -> str:
 
 
 def _opening(results: dict, rows: list[dict]) -> str:
-    """The verdict paragraph, in Markdown with **bold** method names."""
+    """The verdict paragraph, in Markdown with **bold** method names: the best method with its
+    interval, the methods tied with it, those below it and by how much, the compute each was
+    given, and who wins on cost."""
     w, by = winners(rows), {r["method"]: r for r in rows}
     if w["metric"] is None:
         return "No method finished, so there is no winner to report."
-    score = _fmt(by[w["metric"]]["metric"], "score")
-    text = f"**{w['metric']}** scored the best {_metric_label(results).lower()} ({score})."
+    best = by[w["metric"]]
+    score = _fmt(best["metric"], "score")
+    text = f"**{w['metric']}** scored the best {_metric_label(results).lower()} ({score}"
+    if best["interval"] is not None:
+        ci = best["interval"]
+        text += f", 95% interval {ci.low:.4f}-{ci.high:.4f}, {_seeds(best['seeds'])}"
+    text += ")."
+    tied = [r for r in rows if r["verdict"] == "tied"]
+    below = [r for r in rows if r["verdict"] == "below"]
+    if tied:
+        text += (
+            " Not significantly different from it (tied at 95%): "
+            + ", ".join(f"**{r['method']}** ({_fmt(r['metric'], 'score')})" for r in tied)
+            + "."
+        )
+    if below:
+        text += (
+            " Below it: "
+            + ", ".join(
+                f"**{r['method']}** by {r['paired'].difference:.4f} "
+                f"({r['paired'].low:.4f}-{r['paired'].high:.4f})"
+                for r in sorted(below, key=lambda r: r["paired"].difference)
+            )
+            + "."
+        )
+    text += _budget_sentence(results)
     cost = [f"**{w[k]}** {says} ({_fmt(by[w[k]][f], kind)})" for k, says, f, kind in COST if w[k]]
     if cost:
         text += " On cost, " + ", ".join(cost[:-1]) + (" and " if cost[1:] else "") + cost[-1] + "."
     return text
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("s" if n != 1 else "")
+
+
+def _budget_sentence(results: dict) -> str:
+    """What every trained method was given, in one sentence ("" without a search)."""
+    b, tuning = results.get("budget") or {}, results.get("tuning") or {}
+    if not tuning:
+        return ""
+    rows = (b.get("batch_size") or 0) * (b.get("grad_accum") or 1)
+    knobs = sorted({k for t in tuning.values() for k in (t or {}).get("knobs") or []})
+    return (
+        f" Every trained method got the same search: {b.get('trials')} trials x "
+        f"{b.get('steps')} steps x {rows} rows ({', '.join(knobs)} searched; chosen on the "
+        f"validation split), then its best settings trained on {_seeds(len(b.get('seeds') or []))}."
+    )
 
 
 def _columns(results: dict, rows: list[dict]) -> list[tuple]:
@@ -180,6 +323,24 @@ def _columns(results: dict, rows: list[dict]) -> list[tuple]:
         n = r["trainable_parameters"]
         return _fmt(n) if not n else f"{_fmt(n)} ({_fmt(r['trainable_percent'], 'pct')})"
 
+    def interval(r):
+        ci = r["interval"]
+        return "—" if ci is None else f"{ci.low:.4f}-{ci.high:.4f}"
+
+    def versus(r):
+        if r["verdict"] in (None, "best"):
+            return r["verdict"] or "—"
+        p = r["paired"]
+        return f"{r['verdict']}: {-p.difference:+.4f} ({-p.high:+.4f} to {-p.low:+.4f})"
+
+    def pareto(r):
+        if r["pareto"] is None:
+            return "—"
+        return "frontier" if r["pareto"] else f"dominated by {r['dominated_by']}"
+
+    stats_cols = []
+    if any(r["interval"] is not None for r in rows):
+        stats_cols = [("Accuracy", "95% interval", interval), ("Accuracy", "vs best", versus)]
     return [
         ("", "Method", lambda r: r["method"]),
         ("", "Seeds", lambda r: str(r["seeds"])),
@@ -191,8 +352,10 @@ def _columns(results: dict, rows: list[dict]) -> list[tuple]:
         ("Task adaptation", "Artifact", lambda r: _fmt(r["artifact_bytes"], "bytes")),
         ("Task adaptation", "Task switch", lambda r: _fmt(r["task_switch_ms"], "ms")),
         ("Accuracy", _metric_label(results), score(results.get("metric", "accuracy"))),
+        *stats_cols,
         *[("Accuracy", SECONDARY[k], score(k)) for k in extra],
         ("Deployment", "Serving", lambda r: PHRASES.get(r["method"], ("—", "—"))[1]),
+        ("Deployment", "Pareto", pareto),
     ]
 
 
@@ -223,8 +386,53 @@ def _details(results: dict) -> list[tuple[str, str]]:
     ]  # fmt: skip
 
 
+def _params_text(params: dict | None) -> str:
+    if not params:
+        return "—"
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items())  # fmt: skip
+
+
+def _tuning_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Default versus tuned, per tuned method: (headers, rows of cells)."""
+    label = _metric_label(results)
+
+    def score(row: dict) -> str:
+        if not row["seeds"]:
+            return "failed"
+        ci = row["interval"]
+        text = _fmt(row["metric"], "score", row["metric_std"])
+        return text + (f" [{ci.low:.4f}-{ci.high:.4f}]" if ci else "")
+
+    headers = ["Method", "Default settings", f"Default {label.lower()}", "Tuned settings",
+               f"Tuned {label.lower()}", "Trials (pruned, failed)", "Best validation"]  # fmt: skip
+    cells = []
+    for t in tuning_rows(results):
+        best = t["best"] or {}
+        cells.append([
+            t["method"],
+            _params_text(t["default_params"]),
+            score(t["default"]),
+            _params_text(best.get("params")) + (" (the defaults)" if best.get("number") == 0
+                                                else ""),
+            score(t["tuned"]),
+            f"{t['trials']} ({t['pruned']}, {t['failed']})",
+            _fmt(best.get("value"), "score") if best else "—",
+        ])  # fmt: skip
+    return headers, cells
+
+
+TUNING_NOTE = (
+    "Both rows of a method ran on the same seeds and were scored on the same split; [ ] is the "
+    "95% bootstrap interval. The search chose on the validation split only (best validation: "
+    "the best trial's score there); the defaults are trial 0 of every search, so a search can "
+    "only match or beat them on validation."
+)
+
+
 def render_markdown(results: dict) -> str:
-    """The report as Markdown: verdict, comparison table, failures and run details."""
+    """The report as Markdown: verdict, comparison table, default versus tuned, failures and
+    run details."""
     rows = summarise(results)
     cols = _columns(results, rows)
 
@@ -235,6 +443,12 @@ def render_markdown(results: dict) -> str:
     out.append(line(f"{g}: {h}" if g else h for g, h, _ in cols))
     out.append("|" + "---|" * len(cols))
     out += [line(f(r) for *_, f in cols) for r in rows] + ["", NOTE]
+    if any(r["interval"] is not None for r in rows):
+        out += ["", NOTE_INTERVAL]
+    if results.get("tuning"):
+        headers, cells = _tuning_table(results)
+        out += ["", "## Default versus tuned", "", line(headers), "|" + "---|" * len(headers)]
+        out += [line(c) for c in cells] + ["", TUNING_NOTE]
     if failed := _failures(results):
         out += ["", "## Failed", "", *(f"- {f}" for f in failed)]
     out += ["", "## Run", "", *(f"- {k}: {v}" for k, v in _details(results))]
@@ -242,30 +456,65 @@ def render_markdown(results: dict) -> str:
 
 
 def _plots(results: dict, rows: list[dict]) -> list[str]:
-    """The three plots: metric against trainable parameters and memory, validation curves."""
+    """Metric against trainable parameters and memory (the accuracy-versus-cost frontier
+    dashed), validation curves, and with a search its sensitivity: validation score against
+    learning rate, one point per trial."""
     ok = [r for r in rows if r["seeds"]]
     base = {r["method"] for r in rows if not (r["trainable_parameters"] or 0) > 0}
     base -= {r["method"] for r in rows if not r["seeds"] and r["method"] not in UNTRAINED}
     grey, pal = iter(GREYS * 9), iter(PALETTE * 9)
     colour = {r["method"]: next(grey if r["method"] in base else pal) for r in rows}
+    for m in results.get("tuning") or {}:
+        colour.setdefault(m, next(pal))
     scored, label = [r for r in ok if r["metric"] is not None], _metric_label(results)
 
-    def point(r, x):
-        return r["method"], colour[r["method"]], [(x, r["metric"])], False
+    def points(key: str, rs) -> list[Series]:
+        return [Series(r["method"], colour[r["method"]], [(r[key], r["metric"])]) for r in rs]
 
-    params = [
-        point(r, math.log10(r["trainable_parameters"])) for r in scored if r["method"] not in base
-    ]
+    trained = [r for r in scored if r["method"] not in base]
     refs = [(r["method"], colour[r["method"]], r["metric"]) for r in scored if r["method"] in base]
-    memory = [point(r, r["peak_memory_mb"]) for r in scored if r["peak_memory_mb"] is not None]
-    curves = [(r["method"], colour[r["method"]], r["curve"], True) for r in ok if r["curve"]]
-    return [
-        svg_plot("plot-params", f"{label} against trainable parameters",
-             "Trainable parameters (log scale)", label, params, refs, xlog=True),
-        svg_plot("plot-memory", f"{label} against peak memory", "Peak memory (MB)", label, memory),
-        svg_plot("plot-curves", "Validation during training", "Training step",
+    memory = [r for r in scored if r["peak_memory_mb"] is not None]
+    curves = [Series(r["method"], colour[r["method"]], r["curve"], line=True) for r in ok
+              if r["curve"]]  # fmt: skip
+    out = [
+        plot("plot-params", f"{label} against trainable parameters",
+             "Trainable parameters (log scale)", label,
+             points("trainable_parameters", trained) + _frontier(trained, "trainable_parameters"),
+             refs, xlog=True, counts=True),
+        plot("plot-memory", f"{label} against peak memory", "Peak memory (MB)", label,
+             points("peak_memory_mb", memory) + _frontier(memory, "peak_memory_mb")),
+        plot("plot-curves", "Validation during training", "Training step",
              f"Validation {label.lower()}", curves),
     ]  # fmt: skip
+    if results.get("tuning"):
+        out.append(_sensitivity(results, colour, label))
+    return out
+
+
+def _frontier(rows: list[dict], key: str) -> list[Series]:
+    """The 2-D frontier of (cost, metric) as a dashed grey line, when it joins 2+ methods."""
+    pts = [(r["method"], r[key], r["metric"]) for r in rows if r[key] and r[key] > 0]
+    keep = set(frontier(pts))
+    line = sorted((c, m) for n, c, m in pts if n in keep)
+    return [Series("frontier", "#bbbbbb", line, line=True)] if len(line) > 1 else []
+
+
+def _sensitivity(results: dict, colour: dict, label: str) -> str:
+    """Each trial's best validation score against its learning rate; pruned trials hollow."""
+    series = []
+    for method, t in (results.get("tuning") or {}).items():
+        pts, hollow = [], []
+        for trial in (t or {}).get("trials") or []:
+            lr, curve = trial["params"].get("lr"), trial.get("curve") or []
+            if lr and curve and trial["state"] in ("complete", "pruned"):
+                pts.append((lr, max(c["validation"] for c in curve)))
+                hollow.append(trial["state"] == "pruned")
+        order = sorted(range(len(pts)), key=lambda i: pts[i][0])
+        series.append(Series(method, colour[method], [pts[i] for i in order],
+                             hollow=[hollow[i] for i in order]))  # fmt: skip
+    return plot("plot-sensitivity", "Sensitivity to the learning rate (one point per trial)",
+                "Learning rate (log scale)", f"Best validation {label.lower()}", series,
+                xlog=True)  # fmt: skip
 
 
 def _inline(md: str) -> str:
@@ -289,7 +538,7 @@ def _html_table(results: dict, rows: list[dict]) -> str:
 
 
 def render_html(results: dict) -> str:
-    """The Markdown report's content as one self-contained page, plus three SVG plots."""
+    """The Markdown report's content as one self-contained page, plus the SVG plots."""
     rows, e = summarise(results), html.escape
     parts = [
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -297,8 +546,19 @@ def render_html(results: dict) -> str:
         f"<h1>{e(_title(results))}</h1><p>{_inline(_opening(results, rows))}</p>",
         f'<h2>Comparison</h2><div class="scroll">{_html_table(results, rows)}</div>',
         f"<p>{e(NOTE)}</p>",
-        '<h2>Plots</h2><div class="plots">' + "".join(_plots(results, rows)) + "</div>",
     ]
+    if any(r["interval"] is not None for r in rows):
+        parts.append(f"<p>{e(NOTE_INTERVAL)}</p>")
+    if results.get("tuning"):
+        headers, cells = _tuning_table(results)
+        head = "".join(f"<th>{e(h)}</th>" for h in headers)
+        body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
+                       for row in cells)  # fmt: skip
+        parts.append(
+            f'<h2>Default versus tuned</h2><div class="scroll"><table><thead><tr>{head}'
+            f"</tr></thead><tbody>{body}</tbody></table></div><p>{e(TUNING_NOTE)}</p>"
+        )
+    parts.append('<h2>Plots</h2><div class="plots">' + "".join(_plots(results, rows)) + "</div>")
     if failed := _failures(results):
         parts.append("<h2>Failed</h2><ul>" + "".join(f"<li>{_inline(f)}</li>" for f in failed))
         parts.append("</ul>")

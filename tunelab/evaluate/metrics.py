@@ -55,11 +55,16 @@ def token_f1(gold: str, pred: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def exact_match(gold: str, pred: str) -> bool:
+    """Equal after lower-casing and collapsing whitespace."""
+    return _normalise(gold) == _normalise(pred)
+
+
 def generation_metrics(golds: list[str], preds: list[str]) -> dict:
     """Exact match (after lower-casing and collapsing whitespace) and mean token F1."""
     n = max(len(golds), 1)
     return {
-        "exact_match": sum(_normalise(g) == _normalise(p) for g, p in zip(golds, preds)) / n,
+        "exact_match": sum(exact_match(g, p) for g, p in zip(golds, preds)) / n,
         "token_f1": sum(token_f1(g, p) for g, p in zip(golds, preds)) / n,
         "n": len(golds),
     }

@@ -88,11 +88,14 @@ def evaluate_split(
     bf16: bool = False,
 ) -> tuple[dict, torch.Tensor | list[str]]:
     """Metrics of the model on one split of a prepared task, and its outputs: (N, C) label
-    log-probabilities for classification, the generated texts for generation."""
+    log-probabilities for classification, the generated texts for generation.
+
+    `metrics["per_row"]` holds each row's headline score (1 right, 0 wrong), what intervals and
+    paired tests between methods resample (tunelab/compare/stats.py)."""
     from tqdm import tqdm
 
     from tunelab.evaluate.generate import greedy_generate
-    from tunelab.evaluate.metrics import classification_metrics, generation_metrics
+    from tunelab.evaluate.metrics import classification_metrics, exact_match, generation_metrics
 
     examples = prepared.examples(split)  # encoded before the clock starts
     task = prepared.task
@@ -123,6 +126,8 @@ def evaluate_split(
             metrics = generation_metrics(golds, texts)
             if task.sql is not None:
                 metrics.update(_sql_metrics(task, prepared.split(split), golds, texts))
+            else:
+                metrics["per_row"] = [int(exact_match(g, t)) for g, t in zip(golds, texts)]
             metrics.update(split=split, seconds=round(time.perf_counter() - start, 3))
             return metrics, texts
         logp = predict_logprobs(
@@ -135,9 +140,13 @@ def evaluate_split(
             bf16,
             progress=bar,
         )
-    gold = [ex.label for ex in examples]
-    metrics = classification_metrics(gold, logp.argmax(-1).tolist(), prepared.verbalizer.labels)
-    metrics.update(split=split, seconds=round(time.perf_counter() - start, 3))
+    gold, pred = [ex.label for ex in examples], logp.argmax(-1).tolist()
+    metrics = classification_metrics(gold, pred, prepared.verbalizer.labels)
+    metrics.update(
+        per_row=[int(g == p) for g, p in zip(gold, pred)],
+        split=split,
+        seconds=round(time.perf_counter() - start, 3),
+    )
     return metrics, logp
 
 
@@ -149,7 +158,7 @@ def _sql_metrics(task, records, golds: list[str], texts: list[str]) -> dict:
 
     cfg = task.sql
     db_ids = [str(r.fields[cfg.db_field]) for r in records]
-    metrics, _ = sql_metrics(
+    metrics, verdicts = sql_metrics(
         tables_of(cfg.tables),
         db_ids,
         golds,
@@ -159,4 +168,4 @@ def _sql_metrics(task, records, golds: list[str], texts: list[str]) -> dict:
         cfg.seed,
         cfg.timeout,
     )
-    return metrics
+    return {**metrics, "per_row": [int(v.correct) for v in verdicts]}

@@ -60,8 +60,15 @@ def _carve(rows: list[Record], size: float, rng: random.Random):
     return [rows[i] for i in order[:n]], [r for i, r in enumerate(rows) if i not in carved]
 
 
-def load_splits(task: TaskSpec) -> dict[str, list[Record]]:
+def _wanted(split: str, only: set[str] | None) -> bool:
+    return only is None or split == "train" or split in only
+
+
+def load_splits(task: TaskSpec, only: set[str] | None = None) -> dict[str, list[Record]]:
     """Every split of the task, checked, with holdout, few-shot and validation applied.
+
+    With `only`, split files not named there are never opened (train always is): a search
+    that selects on validation cannot read the split it will be reported on.
 
     Order (seeded, so every run sees the same rows): split files are read; `holdout` splits are
     carved from train; few-shot sampling keeps k rows per class of train; a missing validation
@@ -69,9 +76,11 @@ def load_splits(task: TaskSpec) -> dict[str, list[Record]]:
     """
     if task.dataset:
         name, config = task.dataset["name"], task.dataset.get("config")
-        splits = {s: read_dataset(name, config, s) for s in task.dataset.get("splits", ["train"])}
+        names = [s for s in task.dataset.get("splits", ["train"]) if _wanted(s, only)]
+        splits = {s: read_dataset(name, config, s) for s in names}
     else:
-        splits = {s: read_rows(Path(p), task.encoding) for s, p in task.data.items()}
+        files = {s: p for s, p in task.data.items() if _wanted(s, only)}
+        splits = {s: read_rows(Path(p), task.encoding) for s, p in files.items()}
     for split, rows in splits.items():
         _check_rows(task, split, rows)
 
@@ -97,6 +106,8 @@ def load_splits(task: TaskSpec) -> dict[str, list[Record]]:
         if val:  # too few rows to carve any: train without validation (no early stopping)
             splits[val_name] = val
     splits["train"] = train
+    if only is not None:  # carved splits too: what was not asked for is not handed out
+        splits = {s: rows for s, rows in splits.items() if _wanted(s, only)}
     for split, rows in splits.items():
         if not rows:
             raise TunelabError(f"{task.source}: split {split!r} is empty after sampling")

@@ -31,9 +31,11 @@ class PreparedTask:
         max_length: int = 512,
         splits: dict[str, list[Record]] | None = None,
         demo_pool: list[Record] | None = None,
+        only: set[str] | None = None,
     ) -> PreparedTask:
+        """`only`: read just these splits (and train), see `load_splits`."""
         verbalizer = None if task.is_generation else Verbalizer.build(task, tokenizer)
-        splits = load_splits(task) if splits is None else splits
+        splits = load_splits(task, only) if splits is None else splits
         pool = demo_pool if demo_pool is not None else splits.get("train", [])
         if task.sql is not None:  # rows get `schema`, their database's schema as text
             from tunelab.tasks.sql import attach_schemas

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -74,6 +75,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="report on the first N rows of that split only (a quick look)",
     )
+    p.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="train and validate, but never read the reported split nor evaluate on it "
+        "(how `tunelab tune` runs its trials)",
+    )
+    p.add_argument(
+        "--progress",
+        type=Path,
+        default=None,
+        help="append each validation result to this file as a JSON line, as it comes",
+    )
 
 
 def enable_gradient_checkpointing(tuned, method: str) -> None:
@@ -123,17 +136,20 @@ def run(args: argparse.Namespace) -> None:
     fsdp = train_cfg.fsdp and world.distributed
     if not fsdp:  # under FSDP each block moves to the device as it is sharded, never whole
         backbone.model.to(device)
-    prep = PreparedTask.load(task, backbone.tokenizer, train_cfg.max_length)
-    report = prep.eval_split(args.eval_split)
-    prep.limit(report, args.limit)
     val_name = task.validation.split
+    # --validate-only: the split reported on is never read (its file is not even opened)
+    only = {val_name} if args.validate_only else None
+    prep = PreparedTask.load(task, backbone.tokenizer, train_cfg.max_length, only=only)
+    if args.validate_only and val_name not in prep.splits:
+        raise TunelabError(f"{task.source}: --validate-only needs a {val_name!r} split")
+    report = None if args.validate_only else prep.eval_split(args.eval_split)
+    if report is not None:
+        prep.limit(report, args.limit)
     train_ex = prep.examples("train")
     val_ex = prep.examples(val_name) if val_name in prep.splits else []
     kind = "generation" if task.is_generation else "labels " + ", ".join(prep.verbalizer.labels)
-    say(
-        f"task {task.name}: {len(train_ex)} train, {len(val_ex)} validation, "
-        f"{len(prep.split(report))} {report}; {kind}"
-    )
+    reported = f"{len(prep.split(report))} {report}" if report else "no reported split read"
+    say(f"task {task.name}: {len(train_ex)} train, {len(val_ex)} validation, {reported}; {kind}")
     evaluate = dict(
         batch_size=train_cfg.eval_batch_size,
         padding_side=train_cfg.padding_side,
@@ -141,7 +157,7 @@ def run(args: argparse.Namespace) -> None:
     )
 
     baseline = None
-    if args.baseline and world.main:
+    if args.baseline and world.main and report is not None:
         baseline, _ = evaluate_split(TunedLM(backbone.model), prep, report, **evaluate)
         print("zero-shot {} {}: {:.4f}".format(report, *headline(baseline)))
 
@@ -161,6 +177,10 @@ def run(args: argparse.Namespace) -> None:
         def validate(t) -> float:
             return headline(evaluate_split(t, prep, val_name, **evaluate)[0])[1]
 
+    def follow(record: dict) -> None:  # one JSON line per validation, flushed at once
+        with open(args.progress, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
     start = time.perf_counter()
     result = train(
         tuned,
@@ -176,10 +196,12 @@ def run(args: argparse.Namespace) -> None:
         if train_cfg.weight_decay is None
         else train_cfg.weight_decay,
         validate=validate,
+        on_validation=follow if args.progress else None,
     )
     seconds = time.perf_counter() - start
     sharded = distributed.sharded(tuned)
-    if world.main or sharded:  # under FSDP every rank runs the model
+    metrics = None
+    if report is not None and (world.main or sharded):  # under FSDP every rank runs the model
         with distributed.full_weights(tuned):
             metrics, _ = evaluate_split(tuned, prep, report, **evaluate)
     if sharded:
@@ -189,7 +211,7 @@ def run(args: argparse.Namespace) -> None:
         return
     summary = {
         "split": report,
-        report: metrics,
+        **({report: metrics} if report else {}),
         "best_validation": result.best_metric,
         "best_step": result.best_step,
         "steps": result.step,
@@ -222,6 +244,10 @@ def run(args: argparse.Namespace) -> None:
         f"trained {result.step} steps in {seconds:.0f}s{best}; "
         f"peak memory {summary['peak_memory_mb']:,.0f} MB"
     )
+    if metrics is None:
+        print(f"artifact: {args.out}")
+        distributed.finish()
+        return
     name, value = headline(metrics)
     if baseline is not None:
         print(

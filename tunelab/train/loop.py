@@ -143,13 +143,15 @@ def train(
     resume: bool = False,
     weight_decay: float = 0.0,
     validate=None,
+    on_validation=None,
 ) -> TrainResult:
     """Train `tuned`'s trainable parameters; leave it holding the best validation weights.
 
     `lr` and `weight_decay` are the method's (or the user's); parts that a method trains at
     their own rate (`tuned.group_lr`) keep it. Without a verbalizer the task is generation:
     the loss is the target tokens' mean negative log-likelihood. `validate(tuned) -> score`
-    replaces the default validation (label accuracy on `val_ex`).
+    replaces the default validation (label accuracy on `val_ex`). `on_validation(record)` sees
+    each validation result as it comes (rank 0), e.g. to follow a trial's curve from outside.
     """
     world, device = distributed.init(cfg.device)
     if not (cfg.fsdp and world.distributed):  # FSDP moves each block as it shards it
@@ -276,6 +278,8 @@ def train(
                 if cfg.patience and res.bad_evals >= cfg.patience:
                     res.stopped_early = True
             bar.set_postfix(loss=f"{ema:.4f}", val=f"{acc:.3f}", best=f"{res.best_metric:.3f}")
+            if on_validation is not None and world.main:
+                on_validation(record)
         elif res.step % 5 == 0:
             bar.set_postfix(loss=f"{ema:.4f}")
         res.history.append(record)
