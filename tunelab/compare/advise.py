@@ -31,6 +31,7 @@ class Shape:
     heads: int
     vocab: int
     kv_dim: int = 0  # key (and value) width per token: kv heads x head size; 0: hidden
+
     @classmethod
     def from_config(cls, c) -> Shape:
         hidden, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
