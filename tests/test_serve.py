@@ -466,7 +466,6 @@ def test_schemathesis_finds_no_schema_violations(tiny_model_dir, artifacts):
     """Property-based requests from /openapi.json (bounded), with no key, an inference key and
     the admin key: no 5xx, and every status, content type, header and body is documented."""
     schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import (
         content_type_conformance,
         not_a_server_error,
@@ -503,23 +502,25 @@ def test_schemathesis_finds_no_schema_violations(tiny_model_dir, artifacts):
         schema = schemathesis.openapi.from_url(url + "/openapi.json")
         for headers in ({}, {"Authorization": "Bearer inf3rence"}, ADMIN):
             for result in schema.get_all_operations():
-                op = result.ok()
-
-                @settings(
-                    max_examples=12,
-                    deadline=None,
-                    database=None,
-                    suppress_health_check=list(HealthCheck),
-                )
-                @given(case=op.as_strategy())
-                def check(case, headers=headers):
-                    r = case.call(base_url=url, headers=headers)
-                    seen.append(r.status_code)
-                    case.validate_response(r, checks=checks, headers=headers)
-
-                check()
+                _conformance(result.ok(), url, headers, checks, seen)()
         assert client_ok(url)
     assert len(seen) >= 100 and {200, 401, 403, 404, 422} <= set(seen)
+
+
+def _conformance(op, url: str, headers: dict, checks: list, seen: list):
+    """A bounded hypothesis test of one operation: call it, check the response."""
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(
+        max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(case=op.as_strategy())
+    def check(case):
+        r = case.call(base_url=url, headers=headers)
+        seen.append(r.status_code)
+        case.validate_response(r, checks=checks, headers=headers)
+
+    return check
 
 
 def client_ok(url: str) -> bool:

@@ -30,7 +30,7 @@ def read_key_file(path: str | Path, flag: str) -> list[str]:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise TunelabError(f"{flag} {path}: cannot read: {e}") from None
-    keys = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    keys = [k for k in map(str.strip, text.splitlines()) if k and not k.startswith("#")]
     if not keys:
         raise TunelabError(f"{flag} {path}: no keys in it (one per line)")
     return keys
@@ -115,6 +115,6 @@ def shown_path(root: Path | None, path: Path) -> str:
 
 def hide_root(message: str, root: Path | None) -> str:
     """An error message with the server's root folder cut out of every path in it."""
-    if root is None:
+    if root is None or root == Path(root.anchor):  # a root of / would leave no path readable
         return message
     return message.replace(str(root) + os.sep, "").replace(str(root), ".")

@@ -33,7 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=DIR",
         help="a task artifact to serve under NAME; repeatable",
     )
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (127.0.0.1; any other without an inference key gets a warning)",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--window-ms",

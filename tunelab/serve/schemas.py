@@ -100,6 +100,6 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         }
         if code == 401:
             out[code]["headers"] = {
-                "WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}
+                "WWW-Authenticate": {"schema": {"type": "string"}, "required": True}
             }
     return out
