@@ -265,6 +265,16 @@ def test_cli_keys_come_from_files_and_the_environment(tree, tmp_path, capsys, mo
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
 
+    # the command warns before it listens; uvicorn.run stands in for the server here
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    assert main(model + ["--host", "0.0.0.0"]) == 0
+    assert "warning: serving on 0.0.0.0 with no inference key" in capsys.readouterr().err
+    monkeypatch.setenv("TUNELAB_API_KEY", "k")
+    assert main(model + ["--host", "0.0.0.0"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
     open_cfg = ServeConfig()
     assert any("no inference key" in w for w in warnings_for("0.0.0.0", open_cfg))
     assert any("no inference key" in w for w in warnings_for("example.org", open_cfg))

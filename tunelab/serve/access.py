@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -48,8 +48,8 @@ def _digest(key: str) -> bytes:
 
 @dataclass(frozen=True)
 class Keys:
-    inference: tuple[str, ...] = ()
-    admin: tuple[str, ...] = ()
+    inference: tuple[str, ...] = field(default=(), repr=False)
+    admin: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self):
         both = set(self.inference) & set(self.admin)

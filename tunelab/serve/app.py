@@ -46,10 +46,11 @@ class ServeConfig:
     max_input_chars: int = 4000  # characters per input (all fields together)
     max_body_bytes: int = 1 << 20
     max_new_tokens: int = 256  # the most /v1/generate may ask for
-    api_keys: tuple[str, ...] = ()  # inference keys (none: inference is open)
-    admin_keys: tuple[str, ...] = ()  # may load and unload (none: task management is off)
+    # keys stay out of repr, so a logged config shows none
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # inference (none: open)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)  # load/unload (none: off)
     adapter_root: Path | None = None  # POST /v1/tasks loads only from under it (None: off)
-    keys: Keys = field(init=False)
+    keys: Keys = field(init=False, repr=False)
 
     def __post_init__(self):
         for name in ("max_batch", "max_inputs", "max_input_chars", "max_body_bytes"):

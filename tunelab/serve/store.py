@@ -10,7 +10,7 @@ fully fine-tuned model is its own backbone, and `/v1/tasks` says which is which.
 
 Limits: at most `max_tasks` tasks, and at most `max_bytes` of parameters in all (the backbone,
 every copy of it and every task's tensors), checked from the artifact's metadata and file
-sizes before anything is read, so a refused load costs nothing.
+sizes before any tensor is read, so a refused load costs next to nothing.
 """
 
 from __future__ import annotations
