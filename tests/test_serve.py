@@ -255,12 +255,24 @@ class Server:
         self.thread.join(30)
 
 
+ADMIN_KEY = "adm1n-k3y"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
 @pytest.fixture(scope="module")
-def client(store):
+def client(store, artifacts):
     from tunelab.serve.app import ServeConfig, create_app
 
-    # a long window, so that concurrent requests surely share a batch
-    cfg = ServeConfig(window_ms=150, max_inputs=8, max_input_chars=200, max_body_bytes=4096)
+    # a long window, so that concurrent requests surely share a batch; loads from the folder
+    # that holds the artifacts, with the admin key
+    cfg = ServeConfig(
+        window_ms=150,
+        max_inputs=8,
+        max_input_chars=200,
+        max_body_bytes=4096,
+        admin_keys=(ADMIN_KEY,),
+        adapter_root=artifacts["sst"].parent,
+    )
     with Server(create_app(store, cfg)) as c:
         yield c
 
@@ -375,40 +387,44 @@ def test_limits_and_bad_requests(client, body, status, message):
     assert client.get("/health").status_code == 200
 
 
-def test_hot_load_unload_and_refused_artifacts(client, artifacts, tmp_path):
+def test_hot_load_unload_and_refused_artifacts(client, artifacts):
     import shutil
 
-    r = client.post("/v1/tasks", json={"name": "sst-copy", "path": str(artifacts["sst"])})
+    # loads name a folder under --adapter-root (the artifacts' folder) and need the admin key
+    root = artifacts["sst"].parent
+    sst = artifacts["sst"].name
+
+    def load(name, path):
+        return client.post("/v1/tasks", json={"name": name, "path": path}, headers=ADMIN)
+
+    r = load("sst-copy", sst)
     assert r.status_code == 201, r.text
     assert r.json()["backbone"] == "shared" and r.json()["cached_prefix_slots"] > 4
+    assert r.json()["path"] == sst  # relative to the root, not the server's absolute path
     a = client.post("/v1/classify", json={"task": "sst-copy", "inputs": TEXTS}).json()
     b = client.post("/v1/classify", json={"task": "sst", "inputs": TEXTS}).json()
     assert [x["label"] for x in a["results"]] == [x["label"] for x in b["results"]]
-    assert (
-        client.post(
-            "/v1/tasks", json={"name": "sst-copy", "path": str(artifacts["sst"])}
-        ).status_code
-        == 409
-    )
+    assert load("sst-copy", sst).status_code == 409
 
-    pickled = shutil.copytree(artifacts["sst"], tmp_path / "pickled")
+    pickled = shutil.copytree(artifacts["sst"], root / "pickled")
     torch.save({"x": torch.zeros(1)}, pickled / "adapter_model.bin")
-    other = shutil.copytree(artifacts["sst"], tmp_path / "other-base")
+    other = shutil.copytree(artifacts["sst"], root / "other-base")
     meta = json.loads((other / "tunelab.json").read_text())
     meta["base_model"]["fingerprint"] = "0" * 16
     (other / "tunelab.json").write_text(json.dumps(meta))
-    shapes = shutil.copytree(artifacts["sst"], tmp_path / "shapes")
+    shapes = shutil.copytree(artifacts["sst"], root / "shapes")
     meta = json.loads((shapes / "tunelab.json").read_text())
     meta["method_config"]["num_virtual_tokens"] = 5
     (shapes / "tunelab.json").write_text(json.dumps(meta))
     for path, message in [
-        (pickled, "a pickle file; tunelab loads only safetensors"),
-        (other, "fingerprint"),
-        (shapes, "has shape (4, 32), but this model and config need (5, 32)"),
-        (tmp_path / "missing", "no such adapter directory"),
+        ("pickled", "pickled/adapter_model.bin: a pickle file; tunelab loads only safetensors"),
+        ("other-base", "fingerprint"),
+        ("shapes", "has shape (4, 32), but this model and config need (5, 32)"),
+        ("missing", "missing: no such adapter directory"),
     ]:
-        r = client.post("/v1/tasks", json={"name": "bad", "path": str(path)})
+        r = load("bad", path)
         assert r.status_code == 422 and message in r.json()["detail"], r.text
+        assert str(root) not in r.text  # the server's folders stay private
         # still serving, and the refused artifact left nothing behind
         assert client.get("/health").json()["status"] == "ok"
         assert "bad" not in [t["name"] for t in client.get("/v1/tasks").json()]
@@ -416,24 +432,24 @@ def test_hot_load_unload_and_refused_artifacts(client, artifacts, tmp_path):
 
     # a LoRA adapter joins the shared backbone beside the others, and leaves without a trace
     lora_before = client.post("/v1/classify", json={"task": "lora", "inputs": TEXTS}).json()
-    r = client.post("/v1/tasks", json={"name": "lora.copy", "path": str(artifacts["lora"])})
+    r = load("lora.copy", artifacts["lora"].name)
     assert r.status_code == 201 and r.json()["backbone"] == "shared", r.text
     copy = client.post("/v1/classify", json={"task": "lora.copy", "inputs": TEXTS}).json()
-    assert client.delete("/v1/tasks/lora.copy").status_code == 200
+    assert client.delete("/v1/tasks/lora.copy", headers=ADMIN).status_code == 200
     lora_after = client.post("/v1/classify", json={"task": "lora", "inputs": TEXTS}).json()
     _assert_same(copy, lora_before)
     _assert_same(lora_after, lora_before)
 
-    assert client.delete("/v1/tasks/sst-copy").json() == {"unloaded": "sst-copy"}
+    assert client.delete("/v1/tasks/sst-copy", headers=ADMIN).json() == {"unloaded": "sst-copy"}
     gone = client.post("/v1/classify", json={"task": "sst-copy", "inputs": ["x"]})
     assert gone.status_code == 404
-    assert client.delete("/v1/tasks/sst-copy").status_code == 404
+    assert client.delete("/v1/tasks/sst-copy", headers=ADMIN).status_code == 404
 
 
 def test_bearer_token(store):
     from tunelab.serve.app import ServeConfig, create_app
 
-    with Server(create_app(store, ServeConfig(api_key="s3cret"))) as c:
+    with Server(create_app(store, ServeConfig(api_keys=("s3cret", "0ther")))) as c:
         body = {"task": "sst", "inputs": ["good"]}
         assert c.post("/v1/classify", json=body).status_code == 401
         bad = {"Authorization": "Bearer wrong"}
@@ -441,44 +457,70 @@ def test_bearer_token(store):
         assert c.get("/v1/tasks").status_code == 401
         ok = {"Authorization": "Bearer s3cret"}
         assert c.post("/v1/classify", json=body, headers=ok).status_code == 200
+        other = {"Authorization": "Bearer 0ther"}  # any of several inference keys
+        assert c.post("/v1/classify", json=body, headers=other).status_code == 200
         assert c.get("/health").status_code == 200  # probes need no token
 
 
-def test_schemathesis_finds_no_server_errors(tiny_model_dir, artifacts):
-    """Property-based requests from /openapi.json (bounded): no response is a 500."""
+def test_schemathesis_finds_no_schema_violations(tiny_model_dir, artifacts):
+    """Property-based requests from /openapi.json (bounded), with no key, an inference key and
+    the admin key: no 5xx, and every status, content type, header and body is documented."""
     schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import (
+        content_type_conformance,
+        not_a_server_error,
+        response_headers_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     from tunelab.models import load_backbone
     from tunelab.serve.app import ServeConfig, create_app
     from tunelab.serve.store import AdapterStore
 
-    own = AdapterStore(load_backbone(str(tiny_model_dir)), torch.device("cpu"))
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+    ]
+    own = AdapterStore(load_backbone(str(tiny_model_dir)), torch.device("cpu"), max_tasks=3)
     own.load("sst", artifacts["sst"])
     own.load("sql", artifacts["sql"])
-    app = create_app(own, ServeConfig(window_ms=1, max_new_tokens=4))
-    with Server(app) as c:
+    cfg = ServeConfig(
+        window_ms=1,
+        max_new_tokens=4,
+        max_body_bytes=8192,
+        api_keys=("inf3rence",),
+        admin_keys=(ADMIN_KEY,),
+        adapter_root=artifacts["sst"].parent,
+    )
+    seen = []
+    with Server(create_app(own, cfg)) as c:
         url = str(c.base_url).rstrip("/")
         schema = schemathesis.openapi.from_url(url + "/openapi.json")
-        seen = []
-        for result in schema.get_all_operations():
-            op = result.ok()
-
-            @settings(
-                max_examples=12,
-                deadline=None,
-                database=None,
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(case=op.as_strategy())
-            def check(case):
-                r = case.call(base_url=url)
-                seen.append(r.status_code)
-                assert r.status_code < 500, f"{case.method} {case.path}: {r.text[:300]}"
-
-            check()
+        for headers in ({}, {"Authorization": "Bearer inf3rence"}, ADMIN):
+            for result in schema.get_all_operations():
+                _conformance(result.ok(), url, headers, checks, seen)()
         assert client_ok(url)
-    assert len(seen) >= 40 and {200, 422} <= set(seen)
+    assert len(seen) >= 100 and {200, 401, 403, 404, 422} <= set(seen)
+
+
+def _conformance(op, url: str, headers: dict, checks: list, seen: list):
+    """A bounded hypothesis test of one operation: call it, check the response."""
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(
+        max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(case=op.as_strategy())
+    def check(case):
+        r = case.call(base_url=url, headers=headers)
+        seen.append(r.status_code)
+        case.validate_response(r, checks=checks, headers=headers)
+
+    return check
 
 
 def client_ok(url: str) -> bool:
@@ -509,6 +551,8 @@ def test_cli_serves_and_finishes_in_flight_requests_on_sigterm(tiny_model_dir, a
             str(port),
             "--window-ms",
             "1500",
+            "--adapter-root",
+            str(artifacts["sst"].parent),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -526,6 +570,8 @@ def test_cli_serves_and_finishes_in_flight_requests_on_sigterm(tiny_model_dir, a
             except httpx.TransportError:
                 time.sleep(0.1)
         assert httpx.get(url + "/v1/tasks").status_code == 401  # TUNELAB_API_KEY applies
+        tasks = httpx.get(url + "/v1/tasks", headers=auth).json()
+        assert [t["path"] for t in tasks] == ["a-pt", "a-prefix"]  # relative to --adapter-root
         result = {}
 
         def call():

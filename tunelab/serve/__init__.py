@@ -2,5 +2,6 @@
 
 store.py (artifacts on one shared backbone) -> forward.py (mixed-task forward passes with
 per-task cached heads, LoRA routing) and decode.py (mixed-task greedy generation) -> batcher.py
-(gathering concurrent requests) -> app.py (the FastAPI endpoints) -> cli.py (the command).
+(gathering concurrent requests) -> app.py (the FastAPI endpoints; who may do what is in
+access.py, the request and response bodies in schemas.py) -> cli.py (the command).
 """

@@ -1,27 +1,41 @@
-"""The HTTP API (FastAPI): classify, generate, task management, health, Prometheus metrics."""
+"""The HTTP API (FastAPI): classify, generate, task management, health, Prometheus metrics.
+
+Who may do what is decided here (see access.py): inference keys for the model, admin keys for
+loading and unloading, loads only from under the adapter root."""
 
 from __future__ import annotations
 
-import hmac
+import os
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.cli import _distribution
+from tunelab.serve.access import Keys, OutsideRoot, hide_root, resolve_under
 from tunelab.serve.batcher import Batcher, encode_inputs
 from tunelab.serve.forward import head_of
 from tunelab.serve.metrics import Metrics
-from tunelab.serve.store import AdapterStore
+from tunelab.serve.schemas import (
+    Classified,
+    ClassifyRequest,
+    ClassifyResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Health,
+    TaskInfo,
+    TaskLoad,
+    Unloaded,
+    errors,
+)
+from tunelab.serve.store import AdapterStore, OverMemory, TooManyTasks
 
 OPEN_PATHS = ("/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
-Input = str | dict[str, str]
+UNAUTHORIZED = "missing or wrong bearer token (Authorization: Bearer KEY)"
 
 
 @dataclass
@@ -32,7 +46,11 @@ class ServeConfig:
     max_input_chars: int = 4000  # characters per input (all fields together)
     max_body_bytes: int = 1 << 20
     max_new_tokens: int = 256  # the most /v1/generate may ask for
-    api_key: str | None = None
+    # keys stay out of repr, so a logged config shows none
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # inference (none: open)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)  # load/unload (none: off)
+    adapter_root: Path | None = None  # POST /v1/tasks loads only from under it (None: off)
+    keys: Keys = field(init=False, repr=False)
 
     def __post_init__(self):
         for name in ("max_batch", "max_inputs", "max_input_chars", "max_body_bytes"):
@@ -40,58 +58,11 @@ class ServeConfig:
                 raise TunelabError(f"--{name.replace('_', '-')} must be >= 1")
         if self.window_ms < 0:
             raise TunelabError(f"--window-ms must be >= 0, got {self.window_ms}")
-
-
-class ClassifyRequest(BaseModel):
-    task: str = Field(description="a loaded task's name (see GET /v1/tasks)")
-    inputs: list[Input] = Field(
-        min_length=1, description="texts, or objects of input field -> text"
-    )
-
-
-class Classified(BaseModel):
-    label: str
-    probabilities: dict[str, float]
-
-
-class ClassifyResponse(BaseModel):
-    task: str
-    results: list[Classified]
-
-
-class GenerateRequest(BaseModel):
-    task: str
-    inputs: list[Input] = Field(min_length=1)
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="new tokens at most (default: the task's max_new_tokens)"
-    )
-
-
-class GenerateResponse(BaseModel):
-    task: str
-    outputs: list[str]
-
-
-class TaskLoad(BaseModel):
-    name: str = Field(description="the name requests will use")
-    path: str = Field(description="an artifact directory on the server's file system")
-
-
-class TaskInfo(BaseModel):
-    name: str
-    method: str
-    kind: str  # classification | generation
-    labels: list[str]
-    input_fields: list[str]
-    backbone: str  # shared (the one backbone) | own (a copy: LoRA, full fine-tuning, ...)
-    path: str
-    cached_prefix_slots: int | None  # key/value slots computed once per task (None: not yet)
-
-
-class Health(BaseModel):
-    status: str
-    model: str
-    tasks: int
+        self.keys = Keys(tuple(self.api_keys), tuple(self.admin_keys))
+        if self.adapter_root is not None:
+            if not Path(self.adapter_root).is_dir():
+                raise TunelabError(f"--adapter-root {self.adapter_root}: no such directory")
+            self.adapter_root = Path(os.path.realpath(self.adapter_root))
 
 
 class _BodyLimit:
@@ -129,6 +100,7 @@ class _BodyLimit:
 def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
     metrics = Metrics()
     batcher = Batcher(store.backbone.tokenizer.pad_token_id, cfg.window_ms, cfg.max_batch, metrics)
+    root = cfg.adapter_root
 
     @asynccontextmanager
     async def lifespan(app):
@@ -143,18 +115,30 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.store, app.state.batcher, app.state.metrics = store, batcher, metrics
+    app.state.config = cfg
+
+    def unauthorized() -> JSONResponse:
+        return JSONResponse({"detail": UNAUTHORIZED}, 401, headers={"WWW-Authenticate": "Bearer"})
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
-        if cfg.api_key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-                return JSONResponse(
-                    {"detail": "missing or wrong bearer token (Authorization: Bearer KEY)"},
-                    401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+        if cfg.keys.inference and request.url.path not in OPEN_PATHS:
+            if cfg.keys.role(request.headers.get("authorization")) is None:
+                return unauthorized()
         return await call_next(request)
+
+    def require_admin(request: Request, action: str) -> None:
+        if not cfg.keys.admin:
+            raise HTTPException(
+                403,
+                f"{action} is off: start the server with an admin key (--admin-key-file FILE "
+                "or TUNELAB_ADMIN_KEY)",
+            )
+        role = cfg.keys.role(request.headers.get("authorization"))
+        if role is None:
+            raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+        if role != "admin":
+            raise HTTPException(403, f"{action} needs the admin key; this key may only infer")
 
     def entry_for(name: str, kind: str, inputs: list):
         entry = store.get(name)
@@ -181,6 +165,8 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
             raise HTTPException(422, str(e)) from None
 
     async def timed(endpoint: str, req, work):
+        # a name no loaded task has is counted as "unknown": clients cannot add label values
+        task = req.task if store.get(req.task) is not None else "unknown"
         start, status = time.perf_counter(), 500
         try:
             out = await work()
@@ -191,10 +177,10 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
             raise
         finally:
             metrics.observe_request(
-                endpoint, req.task, status, time.perf_counter() - start, len(req.inputs)
+                endpoint, task, status, time.perf_counter() - start, len(req.inputs)
             )
 
-    @app.post("/v1/classify", response_model=ClassifyResponse)
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=errors(401, 404, 413, 422))
     async def classify(req: ClassifyRequest) -> ClassifyResponse:
         """The label and every label's probability for each input."""
 
@@ -210,7 +196,7 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
 
         return await timed("classify", req, work)
 
-    @app.post("/v1/generate", response_model=GenerateResponse)
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=errors(401, 404, 413, 422))
     async def generate(req: GenerateRequest) -> GenerateResponse:
         """Greedy continuations (cut at the task's stop strings) for each input."""
 
@@ -224,27 +210,45 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
 
         return await timed("generate", req, work)
 
-    @app.get("/v1/tasks", response_model=list[TaskInfo])
+    @app.get("/v1/tasks", response_model=list[TaskInfo], responses=errors(401))
     async def list_tasks() -> list[dict]:
         """The loaded tasks; `backbone` says whether a task shares the one backbone."""
         return store.describe()
 
-    @app.post("/v1/tasks", response_model=TaskInfo, status_code=201)
-    async def load_task(req: TaskLoad) -> dict:
-        """Load an artifact directory while serving; a bad artifact is refused (422) and
-        nothing else changes."""
+    @app.post(
+        "/v1/tasks",
+        response_model=TaskInfo,
+        status_code=201,
+        responses=errors(401, 403, 409, 413, 422, 507),
+    )
+    async def load_task(req: TaskLoad, request: Request) -> dict:
+        """Load an artifact folder under the adapter root while serving (admin key only); a
+        bad artifact is refused (422) and nothing else changes."""
+        require_admin(request, "loading tasks")
+        if root is None:
+            raise HTTPException(403, "loading tasks is off: start the server with --adapter-root")
+        try:
+            path = resolve_under(root, req.path)
+        except OutsideRoot as e:
+            raise HTTPException(403, str(e)) from None
         if store.get(req.name) is not None:
             raise HTTPException(409, f"task {req.name!r} is already loaded")
+        source = path.relative_to(root).as_posix()
         try:
-            entry = await batcher.run(store.load, req.name, Path(req.path))
-        except TunelabError as e:
-            raise HTTPException(422, str(e)) from None
+            entry = await batcher.run(store.load, req.name, path, source)
+        except TooManyTasks as e:
+            raise HTTPException(409, str(e)) from None
+        except OverMemory as e:
+            raise HTTPException(507, str(e)) from None
+        except (TunelabError, OSError) as e:
+            raise HTTPException(422, hide_root(str(e), root)) from None
         await batcher.run(head_of, entry)  # its cached head now, not in its first request
         return entry.describe()
 
-    @app.delete("/v1/tasks/{name}")
-    async def unload_task(name: str) -> dict:
-        """Unload a task (requests already queued for it still finish)."""
+    @app.delete("/v1/tasks/{name}", response_model=Unloaded, responses=errors(401, 403, 404))
+    async def unload_task(name: str, request: Request) -> dict:
+        """Unload a task (admin key only; requests already queued for it still finish)."""
+        require_admin(request, "unloading tasks")
         if store.get(name) is None:
             raise HTTPException(404, f"unknown task {name!r}")
         await batcher.run(store.unload, name)
@@ -254,7 +258,7 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
     async def health() -> Health:
         return Health(status="ok", model=store.backbone.name, tasks=len(store.tasks))
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse, responses=errors(401))
     async def prometheus() -> PlainTextResponse:
         """Prometheus text: requests, inputs, latency histograms per task, batch sizes."""
         return PlainTextResponse(

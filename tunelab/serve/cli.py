@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import math
 import os
+import sys
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.serve.access import read_key_file, shown_path, split_env
 
 
 def parse_adapter(value: str) -> tuple[str, Path]:
@@ -29,7 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=DIR",
         help="a task artifact to serve under NAME; repeatable",
     )
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (127.0.0.1; any other without an inference key gets a warning)",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--window-ms",
@@ -42,11 +50,83 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-input-chars", type=int, default=4000, help="characters per input (4000)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (1 MiB)")
     p.add_argument(
-        "--api-key",
+        "--adapter-root",
         default=None,
-        help="require `Authorization: Bearer KEY` (default: $TUNELAB_API_KEY; unset: open)",
+        metavar="DIR",
+        help="POST /v1/tasks may load folders under DIR, named by a relative path "
+        "(default: none, loading over HTTP is off)",
+    )
+    p.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="FILE",
+        help="inference keys, one per line, for `Authorization: Bearer KEY` (also "
+        "$TUNELAB_API_KEY, comma-separated; none: inference is open)",
+    )
+    p.add_argument(
+        "--admin-key-file",
+        default=None,
+        metavar="FILE",
+        help="admin keys, one per line: only they may load and unload tasks (also "
+        "$TUNELAB_ADMIN_KEY; none: task management is off)",
+    )
+    p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # refused: shows in ps
+    p.add_argument("--max-tasks", type=int, default=None, help="tasks loaded at most (no limit)")
+    p.add_argument(
+        "--max-memory-gb",
+        type=float,
+        default=None,
+        help="parameter memory at most: the backbone, its copies and every task's tensors "
+        "(no limit)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def read_keys(args: argparse.Namespace, environ=os.environ) -> tuple[list[str], list[str]]:
+    """(inference keys, admin keys) from the key files and the environment."""
+    if args.api_key is not None:
+        raise TunelabError(
+            "--api-key: a key on the command line shows in `ps` and shell history; put it in "
+            "a file (--api-key-file FILE) or in $TUNELAB_API_KEY"
+        )
+    inference = split_env(environ.get("TUNELAB_API_KEY"))
+    admin = split_env(environ.get("TUNELAB_ADMIN_KEY"))
+    if args.api_key_file:
+        inference += read_key_file(args.api_key_file, "--api-key-file")
+    if args.admin_key_file:
+        admin += read_key_file(args.admin_key_file, "--admin-key-file")
+    return list(dict.fromkeys(inference)), list(dict.fromkeys(admin))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any address
+
+
+def warnings_for(host: str, cfg) -> list[str]:
+    """What an operator should hear before the server starts listening."""
+    out = []
+    if not is_loopback(host) and not cfg.keys.inference:
+        out.append(
+            f"warning: serving on {host} with no inference key: anyone who can reach this "
+            "address can use the model (set --api-key-file or $TUNELAB_API_KEY)"
+        )
+    if cfg.keys.admin and cfg.adapter_root is None:
+        out.append("note: an admin key but no --adapter-root: tasks can be unloaded, not loaded")
+    return out
+
+
+def _limits(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    if args.max_tasks is not None and args.max_tasks < 1:
+        raise TunelabError(f"--max-tasks must be >= 1, got {args.max_tasks}")
+    gb = args.max_memory_gb
+    if gb is not None and not (gb > 0 and math.isfinite(gb)):
+        raise TunelabError(f"--max-memory-gb must be a positive number, got {gb}")
+    return args.max_tasks, None if gb is None else int(gb * 1e9)
 
 
 def build(args: argparse.Namespace):
@@ -57,6 +137,7 @@ def build(args: argparse.Namespace):
     from tunelab.serve.store import AdapterStore
     from tunelab.train.loop import resolve_device
 
+    inference, admin = read_keys(args)
     adapters = [parse_adapter(a) for a in args.adapter]
     names = [n for n, _ in adapters]
     dup = next((n for n in names if names.count(n) > 1), None)
@@ -71,13 +152,17 @@ def build(args: argparse.Namespace):
         max_inputs=args.max_inputs,
         max_input_chars=args.max_input_chars,
         max_body_bytes=args.max_body_bytes,
-        api_key=args.api_key or os.environ.get("TUNELAB_API_KEY") or None,
+        api_keys=tuple(inference),
+        admin_keys=tuple(admin),
+        adapter_root=args.adapter_root,
     )
-    store = AdapterStore(load_backbone(model), resolve_device(args.device))
+    max_tasks, max_bytes = _limits(args)
+    store = AdapterStore(load_backbone(model), resolve_device(args.device), max_tasks, max_bytes)
     from tunelab.serve.forward import head_of
 
     for name, path in adapters:
-        head_of(store.load(name, path))  # each task's cached head before the first request
+        # each task's cached head before the first request
+        head_of(store.load(name, path, shown_path(cfg.adapter_root, path)))
     return create_app(store, cfg), store
 
 
@@ -90,6 +175,8 @@ def run(args: argparse.Namespace) -> None:
     except ImportError:
         raise TunelabError("serve needs its extra: pip install 'tunelab[serve]'") from None
     app, store = build(args)
+    for line in warnings_for(args.host, app.state.config):
+        print(line, file=sys.stderr)
     for info in store.describe():
         print(
             f"task {info['name']}: {info['method']} ({info['kind']}, {info['backbone']} backbone)"

@@ -7,6 +7,10 @@ LoRA core) share it too: each is injected under its own adapter name and every r
 its task's adapter (PEFT's `adapter_names`; see forward.routing). Methods that change weights
 otherwise (freeze, full, a head with a trained backbone) get their own copy of the backbone: a
 fully fine-tuned model is its own backbone, and `/v1/tasks` says which is which.
+
+Limits: at most `max_tasks` tasks, and at most `max_bytes` of parameters in all (the backbone,
+every copy of it and every task's tensors), checked from the artifact's metadata and file
+sizes before any tensor is read, so a refused load costs next to nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +32,23 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # methods that run on the shared backbone: their tensors sit beside its weights, not in them
 SHARING_METHODS = ("prompt-tuning", "prefix", "head", "lora", "hybrid")
 LORA_METHODS = ("lora", "hybrid")  # routed per row to their own adapter
+RESERVED = ("unknown",)  # the metrics label of requests that name no loaded task
+
+
+class TooManyTasks(TunelabError):
+    """A load past the store's task limit."""
+
+
+class OverMemory(TunelabError):
+    """A load past the store's parameter-memory budget."""
+
+
+def gb(n_bytes: int | float) -> str:
+    return f"{n_bytes / 1e9:.3g} GB"
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def shares_backbone(meta: dict) -> bool:
@@ -46,6 +67,8 @@ class TaskEntry:
     prep: PreparedTask  # template, verbalizer, demonstration pool, max length; no data
     backbone: Backbone
     shared: bool  # runs on the store's shared backbone (else on its own copy)
+    source: str = "startup"  # its folder as clients see it (relative to the adapter root)
+    added_bytes: int = 0  # parameter memory the load added (its tensors, its backbone copy)
     adapter: str | None = None  # its LoRA adapter's name inside the shared backbone
     head_cache: object = None  # models.head_cache.HeadCache, built on first use
 
@@ -63,7 +86,8 @@ class TaskEntry:
             "labels": [] if task.is_generation else list(self.prep.verbalizer.labels),
             "input_fields": list(task.input_fields),
             "backbone": "shared" if self.shared else "own",
-            "path": str(self.path),
+            "path": self.source,
+            "param_bytes": self.added_bytes,
             "cached_prefix_slots": cache.slots if cache is not None else None,
         }
 
@@ -71,27 +95,51 @@ class TaskEntry:
 class AdapterStore:
     """Task name -> loaded artifact, all on (or copied from) one backbone."""
 
-    def __init__(self, backbone: Backbone, device: torch.device):
+    def __init__(
+        self,
+        backbone: Backbone,
+        device: torch.device,
+        max_tasks: int | None = None,
+        max_bytes: int | None = None,
+    ):
         self.backbone = backbone
         self.device = device
         self.backbone.model.to(device).eval()
         self.tasks: dict[str, TaskEntry] = {}
         self._loras = 0  # adapter names are lora1, lora2, ... (task names may hold dots)
+        self.max_tasks, self.max_bytes = max_tasks, max_bytes
+        self.base_bytes = param_bytes(backbone.model)  # before any LoRA layer joins it
+        if max_bytes is not None and self.base_bytes > max_bytes:
+            raise OverMemory(
+                f"the backbone alone holds {gb(self.base_bytes)} of parameters; "
+                f"--max-memory-gb is {gb(max_bytes)}"
+            )
 
-    def load(self, name: str, path: Path) -> TaskEntry:
-        """Load an artifact under `name`; a bad one raises TunelabError and changes nothing."""
-        if not NAME.match(name or ""):
+    def held_bytes(self) -> int:
+        """Parameter memory held now: the backbone and what every task added."""
+        return self.base_bytes + sum(e.added_bytes for e in self.tasks.values())
+
+    def load(self, name: str, path: Path, source: str = "startup") -> TaskEntry:
+        """Load an artifact under `name`; a bad one raises TunelabError and changes nothing.
+        `source`: how clients see its folder."""
+        if not NAME.match(name or "") or name in RESERVED:
             raise TunelabError(
                 f"task name {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting with a "
-                "letter or digit)"
+                f"letter or digit), other than {', '.join(RESERVED)}"
             )
         if name in self.tasks:
-            raise TunelabError(f"task {name!r} is already loaded (from {self.tasks[name].path})")
+            raise TunelabError(f"task {name!r} is already loaded (from {self.tasks[name].source})")
+        if self.max_tasks is not None and len(self.tasks) >= self.max_tasks:
+            raise TooManyTasks(
+                f"{len(self.tasks)} tasks loaded; --max-tasks is {self.max_tasks} "
+                "(unload one first)"
+            )
         path = Path(path)
         meta = read_meta(path)
         if "method" not in meta or "base_model" not in meta:
             raise TunelabError(f"{path / 'tunelab.json'}: no method or base_model; not an artifact")
         shared = shares_backbone(meta)
+        added = self._check_memory(name, path, shared)
         backbone = self.backbone
         if not shared:
             # the artifact writes into weights (fine-tuned blocks, a hybrid's LoRA core): a
@@ -114,9 +162,28 @@ class AdapterStore:
         prep = PreparedTask.load(
             task, backbone.tokenizer, _max_length(meta), splits={}, demo_pool=_pool(meta)
         )
-        entry = TaskEntry(name, path, meta["method"], tuned, prep, backbone, shared, adapter)
+        entry = TaskEntry(
+            name, path, meta["method"], tuned, prep, backbone, shared, source, added, adapter
+        )
         self.tasks[name] = entry
         return entry
+
+    def _check_memory(self, name: str, path: Path, shared: bool) -> int:
+        """The parameter bytes loading `path` would add; OverMemory if past the budget."""
+        # the tensor files hold what a sharing method adds; a method that writes into weights
+        # reads them into its own backbone copy, which is what it adds
+        if shared:
+            added = sum(f.stat().st_size for f in path.glob("*.safetensors") if f.is_file())
+        else:
+            added = self.base_bytes
+        held = self.held_bytes()
+        if self.max_bytes is not None and held + added > self.max_bytes:
+            why = "" if shared else " (its own copy of the backbone)"
+            raise OverMemory(
+                f"loading {name!r} would add {gb(added)}{why} to the {gb(held)} held; "
+                f"--max-memory-gb is {gb(self.max_bytes)}"
+            )
+        return added
 
     def unload(self, name: str) -> TaskEntry:
         entry = self.tasks.pop(name)
