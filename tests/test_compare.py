@@ -82,7 +82,7 @@ def test_advice_follows_budget_tasks_and_priority():
     many = recommend(s, 20, 64, "accuracy")  # hybrid measured well below full and LoRA
     assert many["recommended"] == "full" and many["runner_up"] == "lora"
     assert any("RESULTS.md" in r and "1 seed(s)" in r for r in many["reasons"])
-    tight = recommend(s, 1, 4.0, "accuracy")  # full fine-tuning does not fit
+    tight = recommend(s, 1, 3.0, "accuracy")  # full fine-tuning does not fit
     assert tight["recommended"] != "full" and any("over the budget" in r for r in tight["reasons"])
     assert recommend(s, 1, 64, "cost")["recommended"] == "head"
     measured = {

@@ -22,6 +22,7 @@ BUDGET = {
     "eval": ["--limit", "8"],
     "predict": [],
     "advise": [],
+    "tune": ["--trials", "2", "--set", "steps=2", "--set", "eval_every=2", "--set", "batch_size=4"],
     "compare": [
         "--set",
         "steps=2",
@@ -64,6 +65,8 @@ def test_readme_commands_run(tmp_path):
         args = shlex.split(line.replace("runs/", f"{tmp_path}/runs/"))
         sub = args.index("tunelab") + 1 if args[0] == "torchrun" else 1
         args += BUDGET[args[sub]]
+        if "--tune" in args:  # a search of two trials, the final runs on one seed
+            args += ["--tune", "2", "--seeds", "1"]
         if args[0] == "torchrun":  # torchrun is `python -m torch.distributed.run`
             port = f"--master_port={free_port()}"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--master_addr=127.0.0.1", port]
@@ -100,5 +103,6 @@ def test_make_demo_runs_with_a_tiny_budget(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"zero-shot\s+\d\.\d{4}", proc.stdout)
-    assert re.search(r"prompt-tuning\s+\d\.\d{4}\s+11,520", proc.stdout)
+    # score, its 95% interval, trainable parameters
+    assert re.search(r"prompt-tuning\s+\d\.\d{4}\s+\d\.\d{3}-\d\.\d{3}\s+11,520", proc.stdout)
     assert f"report: {tmp_path}/demo/report.html" in proc.stdout

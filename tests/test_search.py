@@ -172,3 +172,17 @@ def test_search_space_holds_the_literature_rates_and_the_defaults():
         assert lr.low <= config().lr <= lr.high, method
     assert space("prompt-tuning", [])[0].high >= 0.3  # Lester et al.'s rate
     assert [k.name for k in space("lora", ["r", "init"])] == ["lr", "r"]  # init: not LoRA's
+
+
+def test_a_default_outside_the_space_widens_it(tmp_path):
+    """Trial 0 runs the user's --set values: the space must hold them."""
+    search = Search(
+        method="lora",
+        out=tmp_path,
+        n_trials=2,
+        steps=4,
+        train_args=["--set", "lr=0.05", "--set", "r=12"],
+        knobs=space("lora", ["r"]),
+    )
+    lr, r = search.knobs
+    assert (lr.low, lr.high) == (1e-5, 0.05) and 12 in r.choices and 4 in r.choices

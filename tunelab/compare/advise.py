@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _read_measured(path: Path) -> dict[str, dict]:
     """Per trained method, its row of the comparison's report (tuned runs where it searched)."""
-    from tunelab.compare.report import summarise
+    from tunelab.compare.summary import summarise
 
     file = path / "results.json" if path.is_dir() else path
     try:

@@ -29,6 +29,7 @@ class Series:
     points: list[tuple[float, float]]
     line: bool = False
     hollow: list[bool] | None = None
+    guide: bool = False  # a dashed guide without markers or label (the Pareto frontier)
 
 
 def _figure():
@@ -104,6 +105,10 @@ def plot(
         if not xy:
             continue
         xs, ys = zip(*xy)
+        if s.guide:
+            ax.plot(xs, ys, color=s.colour, linewidth=1.5, linestyle=(0, (4, 3)), zorder=1,
+                    gid=f"guide-{s.name}")  # fmt: skip
+            continue
         if s.line and len(xy) > 1:
             ax.plot(xs, ys, color=s.colour, linewidth=2.5, marker="o", markersize=4,
                     gid=f"line-{s.name}")  # fmt: skip

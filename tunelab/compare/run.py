@@ -319,15 +319,19 @@ def _results(task, args, train_cfg, seeds, records, tuning) -> dict:
     }
 
 
+def _gain(over) -> str:
+    name, p = over
+    return f"{p.difference:+.3f} over {name}, 95% {p.low:+.3f} to {p.high:+.3f}"
+
+
 def summary_table(results: dict) -> str:
     """A few columns of the report, for the terminal."""
-    from tunelab.compare.report import summarise
+    from tunelab.compare.summary import summarise
 
     name = results["metric"].replace("_", " ")
-    tuned = bool(results.get("tuning"))
     lines = [
         f"{'method':<15}{name:>12}{'95% interval':>17}{'trainable':>14}{'peak MB':>10}"
-        f"{'train s':>9}" + ("  vs best" if tuned else "")
+        f"{'train s':>9}  vs best"
     ]
     for r in summarise(results):
         if not r["seeds"]:
@@ -338,6 +342,7 @@ def summary_table(results: dict) -> str:
         lines.append(
             f"{r['method']:<15}{r['metric']:>12.4f}{ci_text:>17}{r['trainable_parameters']:>14,.0f}"
             f"{r['peak_memory_mb']:>10,.0f}{r['train_seconds'] or 0:>9.0f}"
-            + (f"  {r['verdict']}" if r.get("verdict") else "")
+            + f"  {r['verdict'] or ''}"
+            + (f" ({_gain(r['over_untrained'])})" if r.get("over_untrained") else "")
         )
     return "\n".join(lines)

@@ -120,6 +120,11 @@ class Search:
     pruner: str = "median"
     eval_every: int = 50
 
+    def __post_init__(self):
+        # the defaults are trial 0: the space must hold them (a user's --set may lie outside)
+        default = self._defaults()
+        self.knobs = tuple(_holding(k, default[k.name]) for k in self.knobs)
+
     def study(self, resume: bool):
         import optuna
 
@@ -205,10 +210,17 @@ class Search:
         shown = ", ".join(f"{k}={_show(v)}" for k, v in params.items())
         log(f"{self.method} trial {trial.number}: {shown}")
         start = time.perf_counter()
-        state, error = _follow(trial, self._command(params, run_dir), run_dir, reported)
+        if (run_dir / "tunelab.json").is_file():  # it finished; its search died before noting it
+            for point in _read_curve(run_dir / "progress.jsonl"):
+                if point["step"] not in reported:  # later trials' pruning compares with these
+                    trial.report(point["validation"], point["step"])
+            state, error = "complete", None
+        else:
+            state, error = _follow(trial, self._command(params, run_dir), run_dir, reported)
         curve = _read_curve(run_dir / "progress.jsonl")
         trial.set_user_attr("curve", curve)
-        trial.set_user_attr("seconds", round(time.perf_counter() - start, 1))
+        before = trial.user_attrs.get("seconds", 0.0)  # a taken-over trial ran before its crash
+        trial.set_user_attr("seconds", round(before + time.perf_counter() - start, 1))
         if error:
             trial.set_user_attr("error", error)
         best = max((c["validation"] for c in curve), default=None)
@@ -241,6 +253,15 @@ class Search:
             str(run_dir / "progress.jsonl"),
             *(["--resume"] if resume else []),
         ]
+
+
+def _holding(knob: Knob, value) -> Knob:
+    """The knob, its range or choices widened to hold `value`."""
+    from dataclasses import replace
+
+    if knob.choices:
+        return knob if value in knob.choices else replace(knob, choices=(*knob.choices, value))
+    return replace(knob, low=min(knob.low, value), high=max(knob.high, value))
 
 
 def trials(study) -> list[Trial]:
