@@ -60,13 +60,23 @@ def test_zero_shot_and_in_context_eval(tiny_model_dir, tiny_task, tmp_path, caps
     assert "tiny [validation] in-context: accuracy" in capsys.readouterr().out
 
 
-def test_existing_run_needs_resume(tiny_model_dir, tiny_task, tmp_path, capsys):
+def test_existing_run_needs_resume_or_overwrite(tiny_model_dir, tiny_task, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(tiny_model_dir, tiny_task, out) == 0
-    assert _train(tiny_model_dir, tiny_task, out) == 2
-    assert "pass --resume" in capsys.readouterr().err
+    before = (out / "tunelab.json").read_bytes()
+    # an artifact is never replaced unless asked
+    assert _train(tiny_model_dir, tiny_task, out, "--set", "seed=7") == 2
+    assert "holds an artifact; pass --overwrite to replace it" in capsys.readouterr().err
+    assert (out / "tunelab.json").read_bytes() == before
     assert _train(tiny_model_dir, tiny_task, out, "--resume") == 0
     assert "resumed from" in capsys.readouterr().out
+    # the checkpoints of a run that crashed before its artifact: resume or start over
+    (out / "tunelab.json").unlink()
+    assert _train(tiny_model_dir, tiny_task, out) == 2
+    assert "holds a checkpoint of an earlier run; pass --resume" in capsys.readouterr().err
+    assert _train(tiny_model_dir, tiny_task, out, "--overwrite", "--set", "seed=7") == 0
+    assert "resumed from" not in capsys.readouterr().out
+    assert json.loads((out / "tunelab.json").read_text())["train_config"]["seed"] == 7
 
 
 @pytest.mark.parametrize(
