@@ -11,6 +11,7 @@ import yaml
 from tunelab.errors import TunelabError
 
 SCHEDULES = ("linear", "cosine", "constant")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -59,8 +60,9 @@ class TrainConfig:
             raise TunelabError(f"padding_side must be left or right, got {self.padding_side!r}")
         for name in ("lr", "weight_decay", "warmup", "max_grad_norm"):
             value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise TunelabError(f"{name} must be a finite number, got {value}")
+            # beyond float32's range an update overflows in the optimizer
+            if value is not None and not abs(value) <= FLOAT32_MAX:
+                raise TunelabError(f"{name} must be a finite number (float32), got {value}")
         if self.lr is not None and self.lr <= 0:
             raise TunelabError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay is not None and self.weight_decay < 0:
