@@ -86,7 +86,7 @@ def staged_dir(out: Path, replaced: Callable[[str], bool]) -> Iterator[Path]:
     not hold (checkpoints, the user's own files) are carried over as hard links. The old folder
     stays in place, complete, until the new one is: a crash before the swap leaves it as it was
     (and a staging folder `.NAME.new-*` beside it, which the next write removes)."""
-    out = out.absolute()
+    out = Path(os.path.realpath(out))  # a symlinked folder is rewritten where it really is
     out.parent.mkdir(parents=True, exist_ok=True)
     recover(out)
     for stale in out.parent.glob(f".{out.name}.new-*"):  # an earlier write's, killed midway
