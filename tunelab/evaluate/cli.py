@@ -142,7 +142,10 @@ def _check_eval_args(args: argparse.Namespace) -> None:
     if args.predictions is not None:
         prepare_output_file(args.predictions, "--predictions")
     elif args.adapter is not None and args.adapter.is_dir():  # the default: inside the artifact
-        check_writable_dir(args.adapter, "--adapter (predictions-SPLIT.jsonl goes there)")
+        try:
+            check_writable_dir(args.adapter, "--adapter")
+        except TunelabError as e:
+            raise TunelabError(f"{e} (predictions go there; or --predictions FILE)") from None
     if args.metrics is not None:
         prepare_output_file(args.metrics, "--metrics")
 

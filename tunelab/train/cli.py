@@ -149,8 +149,6 @@ def check_out(args: argparse.Namespace, run_id: dict) -> None:
             f"--out {out}: holds a checkpoint of an earlier run; pass --resume to continue it, "
             "--overwrite to start over, or choose another --out"
         )
-    if args.overwrite and distributed.world().main:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the replaced run's
 
 
 def _differ(a: dict, b: dict) -> str:
@@ -218,6 +216,8 @@ def run(args: argparse.Namespace) -> None:
         def validate(t) -> float:
             return headline(evaluate_split(t, prep, val_name, **evaluate)[0])[1]
 
+    if args.overwrite and world.main:  # the replaced run's; kept until this one can start
+        shutil.rmtree(args.out / "checkpoints", ignore_errors=True)
     start = time.perf_counter()
     result = train(
         tuned,
