@@ -4,7 +4,10 @@ value; never a traceback, never a silently wrong result. One table, run through 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -274,3 +277,29 @@ def test_a_run_whose_weights_become_nan_stops_before_writing(
     assert code == 2 and "non-finite (NaN or infinity) at step 1" in err
     assert not (out / "tunelab.json").exists()
     assert not (out / "checkpoints").exists()
+
+
+THROUGH_PYTHON = [
+    "template-unclosed",
+    "row-field-object",
+    "set-lr-nan",
+    "resume-without-checkpoint",
+    "eval-nan-artifact",
+    "predict-json-input-not-json",
+]
+
+
+@pytest.mark.parametrize("name", THROUGH_PYTHON)
+def test_bad_input_through_python_m_tunelab(name, tiny_model_dir, trained, tmp_path):
+    """The same promise from a real process: stderr holds no traceback, its last line is the
+    error, the exit code is 2."""
+    _, argv, fragments = next(c for c in CASES if c[0] == name)
+    args = [str(a) for a in argv(Case(tmp_path, tiny_model_dir, trained))]
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1].split("\r")[-1]
+    assert last.startswith(f"tunelab {args[0]}: error: ")
+    assert all(fragment in last for fragment in fragments), last
