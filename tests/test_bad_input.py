@@ -155,6 +155,8 @@ CASES = [
      [f"{T}:13:", "'name' appears twice", "line 1"]),
     ("yaml-syntax", lambda c: c.train(task=c.add("template: [unclosed\n")),
      [f"{T}:", "not valid YAML"]),
+    ("generation-on-classification", lambda c: c.train(task=c.add("generation: {stop: [x]}\n")),
+     [f"{T}:13:", "generation:", "classification"]),
     ("dataset-not-mapping", lambda c: c.train(task=c.add("dataset: foo\n")),
      [f"{T}:13:", "dataset:", "'foo'"]),
     # data rows: file and line

@@ -211,6 +211,11 @@ class TaskSpec:
                 f"{self.source}: a task needs `label_field:` and `verbalizer:` (classification) "
                 "or `target:` (generation)"
             )
+        elif self.generation != Generation():  # it would be ignored
+            raise TunelabError(
+                f"{self.where('generation')}: `generation:` applies to generation tasks "
+                "(`target:`), not to a classification task"
+            )
         if self.label_field is None:
             return
         if not self.verbalizer:
