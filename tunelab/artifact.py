@@ -14,12 +14,24 @@ import torch
 
 from tunelab import __version__, methods
 from tunelab.errors import TunelabError
+from tunelab.io import staged_dir
 from tunelab.models import Backbone, load_backbone
 from tunelab.tasks.readers import Record
 from tunelab.tasks.spec import TaskSpec
 from tunelab.train.checkpoint import write_json
 
 META = "tunelab.json"
+BASE_KEYS = ("name", "fingerprint")
+# every file or folder a method's save_files may write, besides META; predictions-SPLIT.jsonl
+# (from `tunelab eval`) describe the weights, so they go with them too
+ARTIFACT_FILES = {
+    META,
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "trainable.safetensors",
+    "prefix_encoder.safetensors",
+    "prompt",
+}
 
 
 def versions() -> dict:
@@ -47,9 +59,24 @@ def save_artifact(
     history: list | None = None,
     demo_pool: list[Record] | None = None,
 ) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    methods.get(method).save_files(tuned, method_cfg, out, backbone.path)
-    meta = {
+    """Write the artifact into a folder beside `out` and rename it into place as a whole: the
+    old artifact stays complete until the new one is (checkpoints and other files are kept)."""
+    with staged_dir(out, replaced=is_artifact_file) as tmp:
+        methods.get(method).save_files(tuned, method_cfg, tmp, backbone.path)
+        write_json(
+            _meta(method, method_cfg, task, backbone, train_cfg, metrics, history, demo_pool),
+            tmp / META,
+        )
+
+
+def is_artifact_file(name: str) -> bool:
+    """Whether a name in an artifact folder is the artifact's own (replaced when it is
+    rewritten), rather than a checkpoint or the user's file (kept)."""
+    return name in ARTIFACT_FILES or (name.startswith("predictions-") and name.endswith(".jsonl"))
+
+
+def _meta(method, method_cfg, task, backbone, train_cfg, metrics, history, demo_pool) -> dict:
+    return {
         "format": 1,
         "method": method,
         "method_config": dataclasses.asdict(method_cfg),
@@ -67,7 +94,6 @@ def save_artifact(
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json(meta, out / META)
 
 
 def read_meta(path: Path) -> dict:
@@ -75,11 +101,14 @@ def read_meta(path: Path) -> dict:
     if not path.is_dir():
         raise TunelabError(f"{path}: no such adapter directory")
     try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TunelabError(f"{meta_path}: missing; is {path} a tunelab artifact?") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise TunelabError(f"{meta_path}: cannot read: {e}") from None
+    if not isinstance(meta, dict):
+        raise TunelabError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def load_artifact(path: Path, backbone: Backbone | None = None, lora_name: str | None = None):
@@ -93,6 +122,8 @@ def load_artifact(path: Path, backbone: Backbone | None = None, lora_name: str |
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth"))
     if pickles:
         raise TunelabError(f"{path / pickles[0]}: a pickle file; tunelab loads only safetensors")
+    _check_meta(meta, path / META)
+    check_finite(path)
     base = meta["base_model"]
     backbone = backbone or load_backbone(base["name"])
     if backbone.fingerprint != base["fingerprint"]:
@@ -101,10 +132,52 @@ def load_artifact(path: Path, backbone: Backbone | None = None, lora_name: str |
             f"{base['fingerprint']}), but the loaded model {backbone.name!r} has fingerprint "
             f"{backbone.fingerprint}"
         )
-    cfg = methods.CONFIGS[meta["method"]](**meta["method_config"])
+    try:
+        cfg = methods.CONFIGS[meta["method"]](**meta["method_config"])
+    except TypeError as e:
+        raise TunelabError(f"{path / META}: method_config: {e}") from None
     if lora_name is not None and meta["method"] in ("lora", "hybrid"):
         tuned = methods.get(meta["method"]).restore(backbone, cfg, path, adapter_name=lora_name)
     else:
         tuned = methods.get(meta["method"]).restore(backbone, cfg, path)
     task = TaskSpec.from_dict(meta["task"], source=str(path / META))
     return tuned, task, meta, backbone
+
+
+def _check_meta(meta: dict, source: Path) -> None:
+    """The keys loading reads, with the types it needs (a hand-edited file fails here)."""
+    base = meta.get("base_model")
+    if meta.get("method") not in methods.CONFIGS:
+        raise TunelabError(
+            f"{source}: method: expected one of {', '.join(methods.CONFIGS)}, "
+            f"got {meta.get('method')!r}"
+        )
+    if not isinstance(base, dict) or not all(isinstance(base.get(k), str) for k in BASE_KEYS):
+        raise TunelabError(
+            f"{source}: base_model: expected a mapping with {', '.join(BASE_KEYS)}, got {base!r}"
+        )
+    for key in ("method_config", "task"):
+        if not isinstance(meta.get(key), dict):
+            raise TunelabError(f"{source}: {key}: expected a mapping, got {meta.get(key)!r}")
+
+
+def check_finite(path: Path) -> None:
+    """Refuse an artifact whose tensors hold NaN or infinity (a diverged run's): it would
+    predict nothing but NaN."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted([*path.glob("*.safetensors"), *path.glob("*/*.safetensors")]):
+        if file.parent.name == "checkpoints":
+            continue
+        try:
+            with safe_open(str(file), "pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        bad = "NaN" if bool(torch.isnan(t).any()) else "infinity"
+                        raise TunelabError(
+                            f"{file}: tensor {name!r} holds {bad}; the run that wrote it "
+                            "diverged (retrain with a lower lr)"
+                        )
+        except (SafetensorError, OSError) as e:
+            raise TunelabError(f"{file}: cannot read: {e}") from None

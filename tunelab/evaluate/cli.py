@@ -13,6 +13,7 @@ from tunelab.artifact import load_artifact
 from tunelab.errors import TunelabError
 from tunelab.evaluate.metrics import format_confusion
 from tunelab.evaluate.predict import evaluate_split, predict_logprobs
+from tunelab.io import check_writable_dir, prepare_output_file
 from tunelab.methods.base import TunedLM
 from tunelab.models import load_backbone
 from tunelab.tasks import load_task
@@ -127,11 +128,34 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """Refuse bad options before the model loads, and make sure the outputs can be written
+    (a missing folder of --predictions or --metrics is created)."""
+    for option, value, least in (
+        ("--demos", args.demos, 0),
+        ("--batch-size", args.batch_size, 1),
+        ("--limit", args.limit, 1),
+    ):
+        if value is not None and value < least:
+            raise TunelabError(f"{option} must be >= {least}, got {value}")
+    resolve_device(args.device)
+    if args.predictions is not None:
+        prepare_output_file(args.predictions, "--predictions")
+    elif args.adapter is not None and args.adapter.is_dir():  # the default: inside the artifact
+        try:
+            check_writable_dir(args.adapter, "--adapter")
+        except TunelabError as e:
+            raise TunelabError(f"{e} (predictions go there; or --predictions FILE)") from None
+    if args.metrics is not None:
+        prepare_output_file(args.metrics, "--metrics")
+
+
 def run_eval(args: argparse.Namespace) -> None:
     """Accuracy, macro-F1 and confusion matrix (exact match and token F1 for generation) of a
     model on a task split."""
     if args.task is None and args.adapter is None:
         raise TunelabError("eval needs --task, --adapter, or both")
+    _check_eval_args(args)
     tuned, art_task, meta, backbone = _load(args.adapter, args.model, args.device)
     task = load_task(args.task) if args.task else art_task
     if art_task is not None and args.task:
@@ -177,7 +201,9 @@ def run_eval(args: argparse.Namespace) -> None:
         os.replace(tmp, out)
         print(f"predictions: {out}")
     if args.metrics:
-        args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp = args.metrics.with_name(f".{args.metrics.name}.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, args.metrics)
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -190,33 +216,61 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--model", default=None, help="base model (default: the artifact's)")
     p.add_argument("--json", action="store_true", help="print one JSON object per input")
+    p.add_argument(
+        "--json-input",
+        action="store_true",
+        help="read every TEXT as a JSON object of the task's input fields (without it, a TEXT "
+        "is such an object only when it parses as one; otherwise it is plain text)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
-def _record(task, text: str, i: int) -> Record:
-    if text.lstrip().startswith("{"):
+def _fields(task, text: str) -> dict | None:
+    """The input fields a TEXT gives as a JSON object of them, else None."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(obj, dict) and all(f in obj for f in task.input_fields):
+        return obj
+    return None
+
+
+def _record(task, text: str, i: int, json_input: bool = False) -> Record:
+    """One input: a JSON object of the task's fields, else plain text for a one-field task."""
+    fields = _fields(task, text)
+    if fields is None and json_input:
         try:
-            fields = json.loads(text)
+            obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise TunelabError(f"input {i}: not valid JSON ({e.msg}): {text[:80]!r}") from None
-    elif len(task.input_fields) == 1:
-        fields = {task.input_fields[0]: text}
-    else:
-        raise TunelabError(
-            f"input {i}: this task has input fields "
-            f"{', '.join(task.input_fields)}; give a JSON object per input"
-        )
-    missing = [f for f in task.input_fields if f not in fields]
-    if missing:
+        if not isinstance(obj, dict):
+            raise TunelabError(f"input {i}: expected a JSON object, got {text[:80]!r}")
+        missing = [f for f in task.input_fields if f not in obj]
         raise TunelabError(f"input {i}: missing field {missing[0]!r}: {text[:80]!r}")
+    if fields is None:
+        if len(task.input_fields) > 1:
+            raise TunelabError(
+                f"input {i}: this task has input fields {', '.join(task.input_fields)}; give a "
+                f"JSON object of them per input, got {text[:80]!r}"
+            )
+        fields = {task.input_fields[0]: text}
+    for name in task.input_fields:
+        if fields[name] is None or isinstance(fields[name], (dict, list)):
+            raise TunelabError(
+                f"input {i}: field {name!r} must be text or a number, got {fields[name]!r:.80}"
+            )
     return Record(fields, "input", i)
 
 
 def run_predict(args: argparse.Namespace) -> None:
     """The label and label probabilities (or the generated text) for each TEXT, from a trained
     artifact."""
+    resolve_device(args.device)
     tuned, task, meta, backbone = _load(args.adapter, args.model, args.device)
-    records = [_record(task, t, i) for i, t in enumerate(args.text, start=1)]
+    records = [_record(task, t, i, args.json_input) for i, t in enumerate(args.text, start=1)]
     prep = PreparedTask.load(
         task,
         backbone.tokenizer,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tunelab.models.scoring import with_cache
 from tunelab.tasks.batch import _pad
 from tunelab.tasks.encode import Example
 
@@ -79,8 +80,8 @@ def greedy_loop(model, tokenizer, start, limits: list[int], stops: list[list[str
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
             use_cache=True,
+            **with_cache(model.base_model, cache),
         ).last_hidden_state
         nxt = model.get_output_embeddings()(h[:, -1]).argmax(-1).masked_fill(done, pad)  # (B,)
         generated = torch.cat([generated, nxt[:, None]], 1)

@@ -30,6 +30,8 @@ class HeadConfig:
     def __post_init__(self):
         if self.init not in ("labels", "random"):
             raise TunelabError(f"init must be labels or random, got {self.init!r}")
+        if self.lr <= 0 or self.backbone_lr <= 0:
+            raise TunelabError(f"lr and backbone_lr must be > 0, got {self.lr}, {self.backbone_lr}")
 
 
 def _head(

@@ -38,6 +38,8 @@ class HybridConfig:
     def __post_init__(self):
         self.prompt_config()
         self.lora_settings()
+        if self.prompt_lr <= 0:
+            raise TunelabError(f"prompt_lr must be > 0, got {self.prompt_lr}")
         if self.core and not (Path(self.core) / lora.ADAPTER_WEIGHTS).is_file():
             raise TunelabError(f"core={self.core}: not a LoRA artifact (no {lora.ADAPTER_WEIGHTS})")
 

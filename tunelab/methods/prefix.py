@@ -16,6 +16,7 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods.base import TunedLM, set_trainable
+from tunelab.models.scoring import cache_of
 from tunelab.train.checkpoint import atomic_save, load, write_json
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,6 +35,8 @@ class PrefixConfig:
     def __post_init__(self):
         if self.num_virtual_tokens < 1:
             raise TunelabError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        if self.projection_hidden < 1:
+            raise TunelabError(f"projection_hidden must be >= 1, got {self.projection_hidden}")
 
 
 def kv_shape(model) -> tuple[int, int, int]:
@@ -93,7 +96,7 @@ def _real_token_kv(backbone, verbalizer, n: int) -> torch.Tensor:
     ids = torch.tensor([[words[i % len(words)] for i in range(n)]])
     device = next(backbone.model.parameters()).device
     out = backbone.model(input_ids=ids.to(device), use_cache=True)
-    layers = out.past_key_values.layers
+    layers = cache_of(out).layers
     kv = torch.stack([t for layer in layers for t in (layer.keys[0], layer.values[0])])
     # (2L, H, n, Dh) -> (n, 2L * H * Dh)
     return kv.permute(2, 0, 1, 3).reshape(n, -1).float().cpu()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tunelab.models.scoring import label_logprobs_at, last_positions
+from tunelab.models.scoring import cache_of, label_logprobs_at, last_positions, with_cache
 from tunelab.tasks.batch import _pad
 from tunelab.tasks.encode import Example
 from tunelab.tasks.verbalizer import Verbalizer
@@ -113,10 +113,10 @@ def prefill(tuned, ids: list[int]) -> HeadCache:
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
             use_cache=True,
+            **with_cache(model.base_model, cache),
         )
-        cache = out.past_key_values
+        cache = cache_of(out)
     keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (layers, H, slots, Dh)
     values = torch.stack([layer.values[0] for layer in cache.layers])
     return HeadCache(keys, values, list(ids), prompt_at, n_prompt, n_prefix)
@@ -144,7 +144,10 @@ def cached_hidden(model, heads: list[HeadCache], used: list[int], suffixes: list
     head; rows are left-padded, so every row's last token is at S - 1."""
     embeds, mask, pos, cache = after_heads(model, heads, used, suffixes, pad)
     out = model.base_model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=pos,
+        **with_cache(model.base_model, cache),
     )
     return out.last_hidden_state
 
@@ -167,7 +170,10 @@ def head_hidden(tuned, head: HeadCache, input_ids: torch.Tensor, attention_mask:
         cache.update(k[None].expand(B, -1, -1, -1), v[None].expand(B, -1, -1, -1), layer)
     mask = torch.cat([attention_mask.new_ones(B, head.slots), attention_mask], 1)
     out = model.base_model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=pos,
+        **with_cache(model.base_model, cache),
     )
     return out.last_hidden_state
 

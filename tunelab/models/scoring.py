@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +28,25 @@ def make_batch(
     return {k: v.to(device) for k, v in batch.items()}
 
 
+@functools.cache
+def _cache_arg(forward_owner: type) -> str:
+    """The keyword a model's forward takes its key/value cache by: `cache` in transformers 5.x
+    (`past_key_values` still works there but warns on every run and goes in 5.40), else
+    `past_key_values`."""
+    params = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    """`{name: cache}` to pass a key/value cache (a transformers `Cache`) to `model`'s forward."""
+    return {_cache_arg(type(model)): cache}
+
+
+def cache_of(out):
+    """The key/value cache a forward returned (`out.cache`; `past_key_values` before 5.x)."""
+    return out.cache if "cache" in out else out.past_key_values
+
+
 def last_positions(mask: torch.Tensor) -> torch.Tensor:
     """(B, T) mask → (B,) index of each row's last real token, for left or right padding."""
     return mask.size(1) - 1 - mask.flip(1).argmax(1)
@@ -41,7 +63,7 @@ def hidden_states(tuned, input_ids, attention_mask):
         # the prefix sits before every row as n cached positions: the tokens attend to it and
         # their positions start after it (as PEFT's prefix tuning places them)
         n = tuned.prefix.n
-        extra["past_key_values"] = tuned.prefix.cache(embeds.size(0), embeds.dtype)
+        extra = with_cache(tuned.model.base_model, tuned.prefix.cache(embeds.size(0), embeds.dtype))
         position_ids = position_ids + n
         mask_in = torch.cat([mask.new_ones(mask.size(0), n), mask], 1)
     out = tuned.model.base_model(

@@ -22,6 +22,12 @@ def _check_rows(task: TaskSpec, split: str, rows: list[Record]) -> None:
             if name not in r.fields:
                 present = ", ".join(map(str, r.fields)) or "none"
                 raise TunelabError(f"{r.where}: missing field {name!r} (fields present: {present})")
+            value = r.fields[name]
+            if value is None or isinstance(value, (dict, list)):
+                # it would go into the prompt as "" or as Python's repr of the structure
+                raise TunelabError(
+                    f"{r.where}: field {name!r} must be text or a number, got {value!r:.80}"
+                )
         if task.label_field:
             label = str(r.fields[task.label_field])
             if label not in task.verbalizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -86,6 +87,8 @@ def read_rows(path: Path, encoding: str = "utf-8") -> list[Record]:
         ) from None
     except OSError as e:
         raise TunelabError(f"{path}: cannot read data file: {e.strerror}") from None
+    if text.startswith("\ufeff") and codecs.lookup(encoding).name == "utf-8":
+        text = text[1:]  # a byte-order mark would become part of the first header name
     if suffix in (".jsonl", ".json"):
         return _read_jsonl(path, text)
     if suffix == ".csv":

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.errors import TunelabError, at
-from tunelab.tasks.template import placeholders
+from tunelab.tasks.schema import build
+from tunelab.tasks.template import placeholders, template_problem
 from tunelab.tasks.yamlfile import read_yaml
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -76,7 +79,7 @@ class TaskSpec:
     sql: Sql | None = None
     data: dict[str, str] = field(default_factory=dict)  # split -> absolute file path
     dataset: dict | None = None  # {"name": ..., "config": ...} for Hugging Face datasets
-    holdout: dict[str, int] = field(default_factory=dict)  # split -> rows carved from train
+    holdout: dict[str, float] = field(default_factory=dict)  # split -> rows (or a fraction)
     answer_prefix: str = " "
     few_shot: FewShot | None = None
     validation: Validation = field(default_factory=Validation)
@@ -109,48 +112,90 @@ class TaskSpec:
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>", lines: dict | None = None) -> TaskSpec:
         """Build and check a spec from a plain mapping (a YAML file or an artifact's copy)."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)} - {"lines", "source"}
-        for key in d:
-            if key not in known and key != "source":
-                line = (lines or {}).get(key)
-                raise TunelabError(
-                    f"{at(source, line)}: unknown task key {key!r} "
-                    f"(known: {', '.join(sorted(known))})"
-                )
-        d.pop("source", None)
-        for key, sub in (
-            ("few_shot", FewShot),
-            ("validation", Validation),
-            ("demonstrations", Demonstrations),
-            ("generation", Generation),
-            ("sql", Sql),
-        ):
-            if isinstance(d.get(key), dict):
-                d[key] = _sub(sub, d[key], key, source, lines or {})
-        if isinstance(d.get("input_fields"), str):
-            d["input_fields"] = [d["input_fields"]]
-        if isinstance(d.get("verbalizer"), dict):
-            d["verbalizer"] = {
-                str(k): ([v] if isinstance(v, str) else list(v)) for k, v in d["verbalizer"].items()
-            }
-        for required in ("name", "template", "input_fields"):
-            if required not in d:
-                raise TunelabError(f"{source}: the task file needs `{required}:`")
-        spec = cls(**d, source=source, lines=lines or {})
+        lines = lines or {}
+
+        def where(key: str) -> str:
+            # the line of the key, else of the nearest enclosing key that has one
+            while key and key not in lines:
+                key = key.rpartition(".")[0]
+            return at(source, lines.get(key))
+
+        d = {k: v for k, v in d.items() if k != "source"}
+        spec = build(cls, d, where, skip=("source", "lines"))
+        spec.source, spec.lines = source, lines
         spec.check()
         return spec
 
     def check(self) -> None:
         """Reject values that cannot work, naming the key's line."""
-        derived = ["schema"] if self.sql is not None else []  # filled in from the database id
-        templates = [self.template] + [self.demonstrations.template or ""]
-        for name in (n for t in templates for n in placeholders(t)):
-            if name not in self.input_fields and name not in derived:
+        if not self.name.strip():
+            raise TunelabError(f"{self.where('name')}: name: must not be empty")
+        if not self.input_fields or len(set(self.input_fields)) < len(self.input_fields):
+            raise TunelabError(
+                f"{self.where('input_fields')}: input_fields: expected distinct field names, "
+                f"got {self.input_fields!r}"
+            )
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise TunelabError(
+                f"{self.where('encoding')}: encoding: unknown text encoding {self.encoding!r}"
+            ) from None
+        self._check_templates()
+        self._check_kind()
+        self._check_numbers()
+        if not self.data and not self.dataset:
+            raise TunelabError(
+                f"{self.source}: the task file needs `data:` (split: file) or `dataset:`"
+            )
+        if "train" not in self.data and not self.dataset:
+            raise TunelabError(f"{self.where('data')}: `data:` needs a `train:` file")
+        if self.dataset is not None and not isinstance(self.dataset.get("name"), str):
+            raise TunelabError(
+                f"{self.where('dataset')}: dataset: expected a mapping with `name:` (a Hugging "
+                f"Face dataset id), got {self.dataset!r}"
+            )
+        selects = ("random", "similar") + (("same-database",) if self.sql else ())
+        if self.demonstrations.select not in selects:
+            raise TunelabError(
+                f"{self.where('demonstrations.select')}: demonstrations.select must be "
+                f"{' or '.join(map(repr, selects))}, got {self.demonstrations.select!r}"
+            )
+        if self.sql is not None:
+            if self.target is None:
+                raise TunelabError(f"{self.where('sql')}: `sql:` needs a `target:` (the query)")
+            if self.sql.schema_format not in ("compact", "create"):
                 raise TunelabError(
-                    f"{self.where('template')}: template placeholder {{{name}}} names no input "
-                    f"field (input_fields: {', '.join(self.input_fields)})"
+                    f"{self.where('sql.schema_format')}: sql.schema_format must be 'compact' or "
+                    f"'create', got {self.sql.schema_format!r}"
                 )
+            if self.sql.databases < 1 or not 0 < self.sql.timeout < math.inf:
+                raise TunelabError(
+                    f"{self.where('sql')}: sql.databases must be >= 1 and sql.timeout > 0"
+                )
+
+    def _check_templates(self) -> None:
+        """Every template a valid format string whose placeholders name input fields."""
+        derived = ["schema"] if self.sql is not None else []  # filled in from the database id
+        templates = [("template", self.template), ("target", self.target)]
+        templates.append(("demonstrations.template", self.demonstrations.template))
+        for key, text in templates:
+            if text is None:
+                continue
+            problem = template_problem(text)
+            if problem:
+                raise TunelabError(f"{self.where(key)}: {key}: {problem}: {text!r}")
+            if key == "target":  # the target reads the row's other fields (checked per row)
+                continue
+            for name in placeholders(text):
+                if name not in self.input_fields and name not in derived:
+                    raise TunelabError(
+                        f"{self.where(key)}: template placeholder {{{name}}} names no input "
+                        f"field (input_fields: {', '.join(self.input_fields)})"
+                    )
+
+    def _check_kind(self) -> None:
+        """Classification (label_field and verbalizer) or generation (target), not both."""
         if self.target is not None:
             if self.label_field is not None or self.verbalizer:
                 raise TunelabError(
@@ -166,42 +211,34 @@ class TaskSpec:
                 f"{self.source}: a task needs `label_field:` and `verbalizer:` (classification) "
                 "or `target:` (generation)"
             )
-        if self.label_field is not None:
-            if not self.verbalizer:
+        elif self.generation != Generation():  # it would be ignored
+            raise TunelabError(
+                f"{self.where('generation')}: `generation:` applies to generation tasks "
+                "(`target:`), not to a classification task"
+            )
+        if self.label_field is None:
+            return
+        if not self.verbalizer:
+            raise TunelabError(
+                f"{self.where('label_field')}: a classification task needs a "
+                "`verbalizer:` mapping each label to its label words"
+            )
+        owner: dict[str, str] = {}
+        for label, words in self.verbalizer.items():
+            if not words or any(not w.strip() for w in words):
                 raise TunelabError(
-                    f"{self.where('label_field')}: a classification task needs a "
-                    "`verbalizer:` mapping each label to its label words"
+                    f"{self.where('verbalizer.' + label)}: label {label!r} needs non-empty "
+                    f"label words, got {words!r}"
                 )
-            for label, words in self.verbalizer.items():
-                if not words or any(not isinstance(w, str) or not w.strip() for w in words):
+            for w in words:
+                if owner.setdefault(w.strip(), label) != label:
                     raise TunelabError(
-                        f"{self.where('verbalizer.' + label)}: label {label!r} needs non-empty "
-                        f"label words, got {words!r}"
+                        f"{self.where('verbalizer.' + label)}: label word {w!r} belongs to both "
+                        f"{owner[w.strip()]!r} and {label!r}; the labels could not be told apart"
                     )
-        if not self.data and not self.dataset:
-            raise TunelabError(
-                f"{self.source}: the task file needs `data:` (split: file) or `dataset:`"
-            )
-        if "train" not in self.data and not self.dataset:
-            raise TunelabError(f"{self.where('data')}: `data:` needs a `train:` file")
-        selects = ("random", "similar") + (("same-database",) if self.sql else ())
-        if self.demonstrations.select not in selects:
-            raise TunelabError(
-                f"{self.where('demonstrations.select')}: demonstrations.select must be "
-                f"{' or '.join(map(repr, selects))}, got {self.demonstrations.select!r}"
-            )
-        if self.sql is not None:
-            if self.target is None:
-                raise TunelabError(f"{self.where('sql')}: `sql:` needs a `target:` (the query)")
-            if self.sql.schema_format not in ("compact", "create"):
-                raise TunelabError(
-                    f"{self.where('sql.schema_format')}: sql.schema_format must be 'compact' or "
-                    f"'create', got {self.sql.schema_format!r}"
-                )
-            if self.sql.databases < 1 or self.sql.timeout <= 0:
-                raise TunelabError(
-                    f"{self.where('sql')}: sql.databases must be >= 1 and sql.timeout > 0"
-                )
+
+    def _check_numbers(self) -> None:
+        """Counts, sizes and seeds in range (and finite)."""
         if self.demonstrations.k < 0:
             raise TunelabError(
                 f"{self.where('demonstrations.k')}: demonstrations.k must be >= 0, "
@@ -211,25 +248,17 @@ class TaskSpec:
             raise TunelabError(
                 f"{self.where('few_shot.k')}: few_shot.k must be >= 1, got {self.few_shot.k}"
             )
-        if not 0 <= self.validation.size:
+        if not 0 <= self.validation.size < math.inf:
             raise TunelabError(
                 f"{self.where('validation.size')}: validation.size must be >= 0, "
                 f"got {self.validation.size}"
             )
-
-
-def _sub(cls, values: dict, key: str, source: str, lines: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in values:
-        if k not in names:
-            raise TunelabError(
-                f"{at(source, lines.get(f'{key}.{k}'))}: unknown key {key}.{k} "
-                f"(known: {', '.join(sorted(names))})"
-            )
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise TunelabError(f"{at(source, lines.get(key))}: {key}: {e}") from None
+        for split, size in self.holdout.items():
+            if not 0 < size < math.inf:
+                raise TunelabError(
+                    f"{self.where('holdout.' + split)}: holdout.{split} must be > 0 (rows, or a "
+                    f"fraction < 1), got {size}"
+                )
 
 
 def _resolve_path(value: str, base: Path) -> str:
@@ -259,8 +288,14 @@ def load_task(ref: str | Path) -> TaskSpec:
             raise TunelabError(
                 f"{at(path, lines.get('data'))}: `data:` must map split names to files"
             )
-        raw["data"] = {split: _resolve_path(str(f), path.parent) for split, f in data.items()}
+        for split, f in data.items():
+            if not isinstance(f, str) or not f:
+                raise TunelabError(
+                    f"{at(path, lines.get(f'data.{split}'))}: data.{split}: expected a file "
+                    f"path, got {f!r}"
+                )
+        raw["data"] = {str(split): _resolve_path(f, path.parent) for split, f in data.items()}
     sql = raw.get("sql")
-    if isinstance(sql, dict) and "tables" in sql:
-        sql["tables"] = _resolve_path(str(sql["tables"]), path.parent)
+    if isinstance(sql, dict) and isinstance(sql.get("tables"), str):
+        sql["tables"] = _resolve_path(sql["tables"], path.parent)
     return TaskSpec.from_dict(raw, source=str(path), lines=lines)

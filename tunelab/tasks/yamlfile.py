@@ -24,12 +24,17 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _key_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+def _key_lines(node: yaml.Node, prefix: str, lines: dict[str, int], path: Path) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = f"{prefix}{key_node.value}"
-            lines[key] = key_node.start_mark.line + 1
-            _key_lines(value_node, key + ".", lines)
+            line = key_node.start_mark.line + 1
+            if key in lines:  # YAML would silently keep the last one
+                raise TunelabError(
+                    f"{at(path, line)}: key {key!r} appears twice (first on line {lines[key]})"
+                )
+            lines[key] = line
+            _key_lines(value_node, key + ".", lines, path)
 
 
 def read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
@@ -50,5 +55,5 @@ def read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     if not isinstance(data, dict):
         raise TunelabError(f"{path}: a task file must be a YAML mapping, got {type(data).__name__}")
     lines: dict[str, int] = {}
-    _key_lines(node, "", lines)
+    _key_lines(node, "", lines, path)
     return data, lines

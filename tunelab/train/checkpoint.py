@@ -47,6 +47,17 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def read_meta(path: Path) -> dict:
+    """A checkpoint's metadata alone (no tensors read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {}).get("tunelab", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise TunelabError(f"{path}: cannot read checkpoint: {e}") from None
+
+
 def training_state(tuned, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Trainable tensors + AdamW moments (enough, with the loop's counters, to resume exactly);
     under FSDP these are the rank's shards, for `distributed.gather`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -13,11 +14,13 @@ from tunelab.artifact import save_artifact
 from tunelab.errors import TunelabError
 from tunelab.evaluate.metrics import headline
 from tunelab.evaluate.predict import evaluate_split
+from tunelab.io import check_writable_dir
 from tunelab.methods.base import TunedLM
 from tunelab.models import load_backbone
 from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.train import distributed
+from tunelab.train.checkpoint import read_meta as read_checkpoint_meta
 from tunelab.train.config import TrainConfig, apply_overrides
 from tunelab.train.loop import train
 
@@ -58,6 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue from OUT/checkpoints/last.safetensors after a crash",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the artifact (or the checkpoints of an unfinished run) in --out; the old "
+        "artifact stays until the new one is complete",
     )
     p.add_argument(
         "--baseline",
@@ -116,6 +125,50 @@ def peak_memory_mb(device) -> float:
     return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
+def check_out(args: argparse.Namespace, run_id: dict) -> None:
+    """Before any work: --out can be written, and what it holds is resumed, replaced
+    (--overwrite) or refused; never silently overwritten."""
+    out = args.out
+    check_writable_dir(out, "--out")
+    last = out / "checkpoints" / "last.safetensors"
+    if args.resume and args.overwrite:
+        raise TunelabError("--resume continues the run in --out, --overwrite replaces it: pick one")
+    if args.resume:
+        if not last.is_file():
+            raise TunelabError(
+                f"--resume: {last} does not exist, so there is no run to continue; "
+                "drop --resume to start one"
+            )
+        theirs = read_checkpoint_meta(last).get("run") or {}  # older checkpoints: not recorded
+        for key in ("task", "method", "method_config") if theirs else ():
+            a, b = theirs.get(key), run_id[key]
+            if a != b:
+                if isinstance(a, dict) and isinstance(b, dict):  # only the settings that differ
+                    a, b = _differ(a, b), _differ(b, a)
+                else:
+                    a, b = repr(a), repr(b)
+                raise TunelabError(
+                    f"--resume: {last} is a checkpoint of another run ({key} {a}, not {b}); "
+                    "choose another --out"
+                )
+        return
+    if (out / "tunelab.json").is_file() and not args.overwrite:
+        raise TunelabError(
+            f"--out {out}: holds an artifact; pass --overwrite to replace it (the old one stays "
+            "until the new one is complete), --resume to continue its run, or choose another --out"
+        )
+    if last.is_file() and not args.overwrite:
+        raise TunelabError(
+            f"--out {out}: holds a checkpoint of an earlier run; pass --resume to continue it, "
+            "--overwrite to start over, or choose another --out"
+        )
+
+
+def _differ(a: dict, b: dict) -> str:
+    """a's settings that b does not share, as key=value."""
+    return ", ".join(f"{k}={v!r}" for k, v in a.items() if b.get(k, object()) != v)
+
+
 def run(args: argparse.Namespace) -> None:
     """Train a method on a task; evaluate the best checkpoint; write the artifact to --out.
 
@@ -124,12 +177,14 @@ def run(args: argparse.Namespace) -> None:
     task = load_task(args.task)
     method = methods.get(args.method)
     train_cfg, method_cfg = apply_overrides(args.set, TrainConfig(), methods.CONFIGS[args.method]())
-    last = args.out / "checkpoints" / "last.safetensors"
-    if last.is_file() and not args.resume:
-        raise TunelabError(
-            f"{args.out}: holds a checkpoint of an earlier run; pass --resume to "
-            "continue it, or choose another --out"
-        )
+    if args.limit is not None and args.limit < 1:
+        raise TunelabError(f"--limit must be >= 1, got {args.limit}")
+    run_id = {
+        "task": task.name,
+        "method": args.method,
+        "method_config": dataclasses.asdict(method_cfg),
+    }
+    check_out(args, run_id)
     world, device = distributed.init(train_cfg.device)
     say = print if world.main else lambda *a, **k: None
     backbone = load_backbone(args.model)
@@ -181,6 +236,8 @@ def run(args: argparse.Namespace) -> None:
         with open(args.progress, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    if args.overwrite and world.main:  # the replaced run's; kept until this one can start
+        shutil.rmtree(args.out / "checkpoints", ignore_errors=True)
     start = time.perf_counter()
     result = train(
         tuned,
@@ -197,6 +254,7 @@ def run(args: argparse.Namespace) -> None:
         else train_cfg.weight_decay,
         validate=validate,
         on_validation=follow if args.progress else None,
+        run=run_id,
     )
     seconds = time.perf_counter() - start
     sharded = distributed.sharded(tuned)

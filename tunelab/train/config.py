@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import yaml
@@ -10,6 +11,7 @@ import yaml
 from tunelab.errors import TunelabError
 
 SCHEDULES = ("linear", "cosine", "constant")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -56,8 +58,30 @@ class TrainConfig:
             )
         if self.padding_side not in ("left", "right"):
             raise TunelabError(f"padding_side must be left or right, got {self.padding_side!r}")
+        for name in ("lr", "weight_decay", "warmup", "max_grad_norm"):
+            value = getattr(self, name)
+            # beyond float32's range an update overflows in the optimizer
+            if value is not None and not abs(value) <= FLOAT32_MAX:
+                raise TunelabError(f"{name} must be a finite number (float32), got {value}")
         if self.lr is not None and self.lr <= 0:
             raise TunelabError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise TunelabError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup < 0:
+            raise TunelabError(f"warmup must be >= 0 (a fraction, or steps), got {self.warmup}")
+        if self.max_grad_norm <= 0:
+            raise TunelabError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.patience < 0:
+            raise TunelabError(f"patience must be >= 0, got {self.patience}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise TunelabError(
+                f"device must be auto, cpu or cuda (each rank takes its own GPU), "
+                f"got {self.device!r}"
+            )
+        if self.device == "cuda":
+            from tunelab.train.loop import resolve_device
+
+            resolve_device(self.device)  # refused on a machine without CUDA
         if isinstance(self.bf16, str):
             if self.bf16 != "auto":
                 raise TunelabError(f"bf16 must be true, false or auto, got {self.bf16!r}")
@@ -82,12 +106,18 @@ def _coerce(cls, name: str, raw: str, value):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif "float" in kind:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        try:  # YAML 1.1 reads 3e-3 (no dot) as a string; people write it that way
-            return float(raw)
-        except ValueError:
-            pass
+            number = float(value)
+        else:
+            try:  # YAML 1.1 reads 3e-3 (no dot) as a string; people write it that way
+                number = float(raw)
+            except ValueError:
+                pass
+        if number is not None:
+            if not math.isfinite(number):  # .nan, .inf, 1e400
+                raise TunelabError(f"--set {name}={raw}: expected a finite number")
+            return number
     elif "str" in kind:
         return raw
     else:
@@ -104,7 +134,11 @@ def apply_overrides(pairs: list[str], *configs):
             raise TunelabError(f"--set {pair!r}: expected key=value")
         for i, cfg in enumerate(out):
             if key in {f.name for f in dataclasses.fields(cfg)}:
-                value = _coerce(type(cfg), key, raw, yaml.safe_load(raw) if raw else "")
+                try:
+                    parsed = yaml.safe_load(raw) if raw else ""
+                except yaml.YAMLError:  # e.g. a regular expression `modules=[`: text
+                    parsed = raw
+                value = _coerce(type(cfg), key, raw, parsed)
                 out[i] = dataclasses.replace(cfg, **{key: value})  # re-runs __post_init__ checks
                 break
         else:

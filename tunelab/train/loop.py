@@ -117,10 +117,28 @@ def shared_head_ids(tuned, train_ex, verbalizer, cfg: TrainConfig) -> list[int] 
     return head_ids(tuned, [ex.ids for ex in train_ex])
 
 
+def all_finite(params: list[torch.Tensor], device: torch.device, world) -> bool:
+    """Whether every parameter (each rank's shard under FSDP) holds only finite values."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    bad = 0.0 if not local else float(not torch.stack([t.isfinite().all() for t in local]).all())
+    return distributed.all_sum(bad, device, world) == 0
+
+
 def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when there is one), `cpu`, `cuda` or `cuda:N`; anything else, or CUDA on a
+    machine without it, is refused before any work."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    kind, _, index = name.partition(":")
+    if name == "cpu" or (kind == "cuda" and (not index or index.isdigit())):
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise TunelabError(f"device {name!r}: this machine has no CUDA device (use cpu)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise TunelabError(
+                f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices"
+            )
+        return torch.device(name)
+    raise TunelabError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def validation_accuracy(tuned, examples, verbalizer, pad_id, cfg: TrainConfig) -> float:
@@ -144,6 +162,7 @@ def train(
     weight_decay: float = 0.0,
     validate=None,
     on_validation=None,
+    run: dict | None = None,
 ) -> TrainResult:
     """Train `tuned`'s trainable parameters; leave it holding the best validation weights.
 
@@ -152,6 +171,8 @@ def train(
     the loss is the target tokens' mean negative log-likelihood. `validate(tuned) -> score`
     replaces the default validation (label accuracy on `val_ex`). `on_validation(record)` sees
     each validation result as it comes (rank 0), e.g. to follow a trial's curve from outside.
+    `run` (task, method and its config) is kept in the checkpoint, so that --resume can refuse
+    another run's.
     """
     world, device = distributed.init(cfg.device)
     if not (cfg.fsdp and world.distributed):  # FSDP moves each block as it shards it
@@ -195,7 +216,8 @@ def train(
             atomic_save(tensors, path, meta)
 
     def save_last() -> None:
-        save(training_state(tuned, opt), last_path, {"result": asdict(res), "config": asdict(cfg)})
+        meta = {"result": asdict(res), "config": asdict(cfg), "run": run or {}}
+        save(training_state(tuned, opt), last_path, meta)
 
     bar = tqdm(
         total=cfg.steps,
@@ -258,9 +280,25 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         res.step += 1
+        # a finite loss can still leave NaN weights (lr=nan, an overflowing update): stop before
+        # they reach a checkpoint or the artifact. Checked where this step may write (scanning
+        # every weight each step costs a full fine-tuning step ~1 s on 2 CPU cores); a NaN
+        # between writes shows in the next step's loss, checked every step
+        validating = (val_ex or validate) and (
+            res.step % cfg.eval_every == 0 or res.step == cfg.steps
+        )
+        writing = validating or res.step % cfg.save_every == 0 or res.step == cfg.steps
+        if writing and not all_finite(params, device, world):
+            bar.close()
+            raise TunelabError(
+                f"the trainable tensors became non-finite (NaN or infinity) at step {res.step}; "
+                f"stopped before writing anything of this step. The last good checkpoint is "
+                f"{last_path if last_path.is_file() else 'not written yet'}; try a lower lr "
+                f"(--set lr=...) or max_grad_norm"
+            )
         ema = total if ema is None else 0.9 * ema + 0.1 * total
         record = {"step": res.step, "loss": round(total, 5), "lr": opt.param_groups[0]["lr"]}
-        if (val_ex or validate) and (res.step % cfg.eval_every == 0 or res.step == cfg.steps):
+        if validating:
             acc = None
             if world.main or sharded:  # under FSDP every rank runs the model
                 with distributed.full_weights(tuned):

@@ -1,0 +1,112 @@
+"""Writing results so that none is lost: output paths checked before any work, and artifact
+folders written beside their place and renamed into it as a whole."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(path: Path, option: str) -> None:
+    """Refuse, before any work, a directory that cannot be created or written."""
+    if path.exists() and not path.is_dir():
+        raise TunelabError(f"{option} {path}: exists and is not a directory")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise TunelabError(f"{option} {path}: {base} is a file, not a directory")
+    try:  # a real write: permissions, read-only file systems, /proc
+        tempfile.TemporaryFile(dir=base).close()
+    except OSError as e:
+        raise TunelabError(f"{option} {path}: cannot write in {base}: {e.strerror}") from None
+
+
+def prepare_output_file(path: Path, option: str) -> None:
+    """Make sure a file can be written at `path` before any work: its folder is created if
+    missing; a directory there, a file in the way or no permission is refused."""
+    if path.is_dir():
+        raise TunelabError(f"{option} {path}: is a directory; give a file name")
+    check_writable_dir(path.parent, option)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TunelabError(f"{option} {path}: cannot create its folder: {e.strerror}") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise TunelabError(f"{option} {path}: cannot write it (permission denied)")
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard links of every file under src at dst (a copy where links cannot be made)."""
+    if src.is_dir() and not src.is_symlink():
+        dst.mkdir()
+        for child in src.iterdir():
+            _link_tree(child, dst / child.name)
+        return
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def recover(out: Path) -> None:
+    """Put back a folder that a write killed between its two renames left aside."""
+    for old in out.parent.glob(f".{out.name}.old-*"):
+        if not out.exists() and (old / out.name).is_dir():
+            os.replace(old / out.name, out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, replaced: Callable[[str], bool]) -> Iterator[Path]:
+    """Yield an empty folder beside `out` to write a new version of it into; when the block
+    ends without error, the new folder takes `out`'s place as a whole.
+
+    Entries of the old `out` whose names `replaced` does not claim, and that the new version does
+    not hold (checkpoints, the user's own files) are carried over as hard links. The old folder
+    stays in place, complete, until the new one is: a crash before the swap leaves it as it was
+    (and a staging folder `.NAME.new-*` beside it, which the next write removes)."""
+    out = Path(os.path.realpath(out))  # a symlinked folder is rewritten where it really is
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)
+    for stale in out.parent.glob(f".{out.name}.new-*"):  # an earlier write's, killed midway
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+    try:
+        yield tmp
+        if out.is_dir():
+            for entry in out.iterdir():
+                if not replaced(entry.name) and not (tmp / entry.name).exists():
+                    _link_tree(entry, tmp / entry.name)
+        tmp.chmod(0o755)
+        _fsync_dir(tmp)
+        if out.is_dir():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)  # the two renames: out is absent only in between
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
