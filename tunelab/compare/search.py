@@ -216,7 +216,8 @@ class Search:
                     trial.report(point["validation"], point["step"])
             state, error = "complete", None
         else:
-            state, error = _follow(trial, self._command(params, run_dir), run_dir, reported)
+            command = self._command(params, run_dir)
+            state, error = _follow(trial, command, run_dir, reported, self.steps)
         curve = _read_curve(run_dir / "progress.jsonl")
         trial.set_user_attr("curve", curve)
         before = trial.user_attrs.get("seconds", 0.0)  # a taken-over trial ran before its crash
@@ -288,10 +289,13 @@ def best_trial(found: list[Trial]) -> Trial | None:
     return max(done, key=lambda t: (t.value, -t.number)) if done else None
 
 
-def _follow(trial, cmd: list[str], run_dir: Path, reported: set[int]) -> tuple[str, str | None]:
+def _follow(
+    trial, cmd: list[str], run_dir: Path, reported: set[int], steps: int
+) -> tuple[str, str | None]:
     """Run one trial's `tunelab train`, reporting its validation curve to the pruner as it
-    comes; stop it when the pruner says so. Steps in `reported` went to the pruner before (a
-    taken-over trial) and were not pruned then. Returns (state, error)."""
+    comes; stop it when the pruner says so (not at the last step: the trial is done then).
+    Steps in `reported` went to the pruner before (a taken-over trial) and were not pruned
+    then. Returns (state, error)."""
     progress = run_dir / "progress.jsonl"
     seen = 0
     with open(run_dir / "run.log", "a", encoding="utf-8") as log:
@@ -305,7 +309,7 @@ def _follow(trial, cmd: list[str], run_dir: Path, reported: set[int]) -> tuple[s
                 if point["step"] in reported:
                     continue
                 trial.report(point["validation"], point["step"])
-                if trial.should_prune():
+                if point["step"] < steps and trial.should_prune():
                     proc.send_signal(signal.SIGTERM)
                     proc.wait()
                     _truncate(progress, point["step"])
