@@ -218,7 +218,11 @@ def _details(results: dict) -> list[tuple[str, str]]:
     model, mach = results.get("model") or {}, results.get("machine") or {}
 
     def join(d: dict) -> str:
-        vals = {k: ", ".join(map(str, v)) if isinstance(v, list) else v for k, v in d.items()}
+        vals = {
+            k: ", ".join(map(str, v)) if isinstance(v, list) else v
+            for k, v in d.items()
+            if v is not None
+        }
         return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in vals.items()) or "—"
 
     return [
