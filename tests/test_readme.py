@@ -65,8 +65,8 @@ def test_readme_commands_run(tmp_path):
         args = shlex.split(line.replace("runs/", f"{tmp_path}/runs/"))
         sub = args.index("tunelab") + 1 if args[0] == "torchrun" else 1
         args += BUDGET[args[sub]]
-        if "--tune" in args:  # a search of two trials, the final runs on one seed
-            args += ["--tune", "2", "--seeds", "1"]
+        if "--tune" in args:  # a search of two trials, one trained method, one seed
+            args += ["--tune", "2", "--seeds", "1", "--methods", "zero-shot,prompt-tuning"]
         if args[0] == "torchrun":  # torchrun is `python -m torch.distributed.run`
             port = f"--master_port={free_port()}"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--master_addr=127.0.0.1", port]
