@@ -134,7 +134,9 @@ def recommend(
                 "serve_gb": serving_memory(s, m, tasks) / GB,
                 "fits": train <= budget_gb * GB,
                 "accuracy": score["accuracy"] if score else None,
-                "interval": (score["low"], score["high"]) if score and score["low"] else None,
+                "interval": (score["low"], score["high"])
+                if score and score["low"] is not None
+                else None,
                 "verdict": score["verdict"] if score else None,
                 "prior_gap": None if measured else gaps.get(m),
                 "note": None,
