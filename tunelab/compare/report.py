@@ -12,6 +12,7 @@ from itertools import groupby
 from pathlib import Path
 
 from tunelab.compare.plots import Series, frontier, plot, si
+from tunelab.compare.search import show_params
 from tunelab.compare.summary import UNTRAINED, summarise, tuning_rows, winners
 
 SECONDARY = {"macro_f1": "Macro-F1", "exact_set_match": "Exact-set match", "token_f1": "Token F1"}
@@ -239,8 +240,7 @@ def _details(results: dict) -> list[tuple[str, str]]:
 def _params_text(params: dict | None) -> str:
     if not params:
         return "—"
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in params.items())  # fmt: skip
+    return show_params(params)
 
 
 def _tuning_table(results: dict) -> tuple[list[str], list[list[str]]]:

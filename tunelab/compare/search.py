@@ -207,8 +207,7 @@ class Search:
         trial.set_user_attr("worker", _worker())
         run_dir = self.out / "trials" / f"{self.method}-{trial.number:03d}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        shown = ", ".join(f"{k}={_show(v)}" for k, v in params.items())
-        log(f"{self.method} trial {trial.number}: {shown}")
+        log(f"{self.method} trial {trial.number}: {show_params(params)}")
         start = time.perf_counter()
         if (run_dir / "tunelab.json").is_file():  # it finished; its search died before noting it
             for point in _read_curve(run_dir / "progress.jsonl"):
@@ -402,5 +401,8 @@ def _last_line(log: Path) -> str:
     return lines[-1] if lines else "no output"
 
 
-def _show(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+def show_params(params: dict) -> str:
+    """Searched settings for people: `lr=0.0019, r=8`."""
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tunelab import methods
 from tunelab.compare import runs
-from tunelab.compare.search import PRUNERS, STUDY_FILE, Search, best_trial, space
+from tunelab.compare.search import PRUNERS, STUDY_FILE, Search, best_trial, show_params, space
 from tunelab.errors import TunelabError
 from tunelab.train.checkpoint import write_json
 
@@ -84,9 +84,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"{'trial':>5}  {'state':<9}{'best validation':>16}  settings")
     for t in found:
         value = f"{t.value:.4f}" if t.value is not None else "—"
-        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in t.params.items())  # fmt: skip
-        print(f"{t.number:>5}  {t.state:<9}{value:>16}  {shown}")
+        print(f"{t.number:>5}  {t.state:<9}{value:>16}  {show_params(t.params)}")
     if best is None:
         raise TunelabError(f"{args.method}: no trial finished; see {args.out / 'trials'}")
     sets = " ".join(
