@@ -159,6 +159,16 @@ CASES = [
      [f"{T}:13:", "generation:", "classification"]),
     ("dataset-not-mapping", lambda c: c.train(task=c.add("dataset: foo\n")),
      [f"{T}:13:", "dataset:", "'foo'"]),
+    ("filter-unknown-operator", lambda c: c.train(task=c.add("filter:\n  label: {is: x}\n")),
+     [f"{T}:14:", "filter.label", "unknown operator 'is'"]),
+    ("filter-unknown-field", lambda c: c.train(task=c.add("filter:\n  stars: {min: 3}\n")),
+     [f"{T}:14:", "filter.stars", "no row", "'stars'"]),
+    ("filter-min-text", lambda c: c.train(task=c.add("filter: {label: {min: high}}\n")),
+     [f"{T}:13:", "filter.label.min", "'high'"]),
+    ("filter-not-mapping", lambda c: c.train(task=c.add("filter: {label: positive}\n")),
+     [f"{T}:13:", "filter.label:", "'positive'"]),
+    ("filter-min-above-max", lambda c: c.train(task=c.add("filter: {s: {min: 2, max: 1}}\n")),
+     [f"{T}:13:", "filter.s", "min 2 is above max 1"]),
     # data rows: file and line
     ("row-label-unknown", lambda c: _rows(c, '{"text": "a", "label": "pos"}\n') and c.train(),
      ["train.jsonl:1:", "label 'pos'"]),
@@ -170,6 +180,10 @@ CASES = [
      and c.train(), ["train.jsonl:2:", "not valid JSON", "'{oops'"]),
     ("row-not-utf8", lambda c: c.train_file.write_bytes(b'{"text": "caf\xe9"}\n') and c.train(),
      ["train.jsonl:1:", "not valid utf-8", "\\xe9"]),
+    ("row-filter-not-a-number", lambda c: _rows(
+        c, '{"text": "a", "label": "positive", "s": 1}\n{"text": "b", "label": "positive", '
+        '"s": "n/a"}\n') and c.train(task=c.add("filter: {s: {min: 0}}\n")),
+     ["train.jsonl:2:", "field 's'", "'n/a'", "not a number"]),
     # --set: the key and the value
     ("set-lr-nan", lambda c: c.train("--set", "lr=.nan"), ["--set lr=.nan", "finite"]),
     ("set-lr-inf", lambda c: c.train("--set", "lr=.inf"), ["--set lr=.inf", "finite"]),
@@ -278,7 +292,10 @@ def test_a_run_whose_weights_become_nan_stops_before_writing(
     code, err = run_cli([*argv, *TINY, "--set", "save_every=1"], capsys)
     assert code == 2 and "non-finite (NaN or infinity) at step 1" in err
     assert not (out / "tunelab.json").exists()
-    assert not (out / "checkpoints").exists()
+    # the one checkpoint written holds the start (validated at step 0, before any update)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["best.safetensors"]
+    best = load_file(str(out / "checkpoints" / "best.safetensors"))
+    assert best and all(t.isfinite().all() for t in best.values())
 
 
 THROUGH_PYTHON = [

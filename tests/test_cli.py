@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -257,3 +258,15 @@ def test_early_stopping_after_patience_runs_without_improvement(
     assert "early stop at step 6: no improvement in 2 validation runs" in capsys.readouterr().out
     meta = json.loads((tmp_path / "run" / "tunelab.json").read_text())
     assert meta["metrics"]["steps"] == 6 and meta["metrics"]["best_step"] == 2
+
+
+def test_train_prints_what_the_filter_kept_and_the_start(tiny_model_dir, tmp_path, capsys):
+    from conftest import make_task
+
+    task = make_task(tmp_path, extra="filter:\n  label: {not_in: [negative]}\n")
+    assert _train(tiny_model_dir, task, tmp_path / "run") == 0
+    printed = capsys.readouterr().out
+    assert "train: 24 of 48 rows kept by filter" in printed
+    assert "test: 8 of 16 rows kept by filter" in printed
+    assert "task tiny: 16 train, 8 validation, 8 test" in printed
+    assert re.search(r"validation: zero-shot \d\.\d{4}, start \d\.\d{4}, best \d\.\d{4}", printed)

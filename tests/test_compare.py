@@ -52,7 +52,11 @@ def test_compare_runs_every_method_in_its_own_process(tiny_model_dir, tiny_task,
     lora_meta = json.loads((out / "lora-seed1" / "tunelab.json").read_text())
     assert lora_meta["method_config"]["r"] == 4
     # the two seeds really differ (the seed reaches the child)
-    assert by[("prompt-tuning", 2)]["history"][0]["loss"] != pt["history"][0]["loss"]
+    # (history[0] is the start, validated before the first step: no loss)
+    assert by[("prompt-tuning", 2)]["history"][1]["loss"] != pt["history"][1]["loss"]
+    assert pt["history"][0] == {"step": 0, "validation": pt["validation_start"]}
+    assert 0 <= pt["validation_zero_shot"] <= 1
+    assert "Validation: Zero-shot → start → best" in (out / "report.md").read_text()
     assert results["model"]["fingerprint"] and results["versions"]["torch"]
     assert results["command"].startswith("tunelab compare --task")
     assert (out / "report.md").is_file()

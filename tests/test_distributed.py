@@ -105,6 +105,8 @@ def _initial(model_dir, task, method) -> dict[str, torch.Tensor]:
         ("prompt-tuning", "adapter_model.safetensors", ["lr=0.05"]),
         # FSDP: validation, checkpoints, the resume and the best weights go through shards
         ("full", "trainable.safetensors", ["lr=1e-3", "fsdp=true"]),
+        # FSDP with a part to take away for the zero-shot score (the soft prompt, in the root)
+        ("prompt-tuning", "adapter_model.safetensors", ["lr=0.05", "fsdp=true"]),
     ],
 )
 def test_tunelab_train_under_torchrun_writes_one_artifact_and_resumes(
@@ -133,6 +135,12 @@ def test_tunelab_train_under_torchrun_writes_one_artifact_and_resumes(
     assert meta_two["metrics"]["world_size"] == 2 and meta_one["metrics"]["world_size"] == 1
     assert meta_two["metrics"]["steps"] == 6
     assert meta_two["metrics"]["best_step"] == meta_one["metrics"]["best_step"]
+    # the start and the zero-shot backbone, validated once (the resume did not redo step 0)
+    assert [h["step"] for h in meta_two["history"]].count(0) == 1
+    start_one, start_two = meta_one["history"][0], meta_two["history"][0]
+    assert start_two.keys() == {"step", "validation", "zero_shot"} == start_one.keys()
+    for key in ("validation", "zero_shot"):
+        assert abs(start_two[key] - start_one[key]) < 1e-6
     a, _ = load(tmp_path / "one" / artifact)
     b, _ = load(tmp_path / "two" / artifact)
     assert a.keys() == b.keys()
@@ -197,7 +205,7 @@ def test_fsdp_validates_a_generation_task_by_decoding_on_every_rank(tiny_model_d
     assert two.stdout.count("artifact:") == 1
     meta_one = json.loads((tmp_path / "one" / "tunelab.json").read_text())
     meta_two = json.loads((tmp_path / "two" / "tunelab.json").read_text())
-    assert [h["step"] for h in meta_two["history"] if "validation" in h] == [2, 4]
+    assert [h["step"] for h in meta_two["history"] if "validation" in h] == [0, 2, 4]
     assert [h.get("validation") for h in meta_two["history"]] == [
         h.get("validation") for h in meta_one["history"]
     ]

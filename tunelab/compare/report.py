@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tunelab.compare.plots import Series, frontier, plot, si
 from tunelab.compare.search import show_params
-from tunelab.compare.summary import UNTRAINED, summarise, tuning_rows, winners
+from tunelab.compare.summary import UNTRAINED, VALIDATION, summarise, tuning_rows, winners
 
 SECONDARY = {"macro_f1": "Macro-F1", "exact_set_match": "Exact-set match", "token_f1": "Token F1"}
 SHARED = "one frozen backbone serves many tasks, per-row prompts in one batch"
@@ -50,6 +50,13 @@ NOTE_INTERVAL = (
     "the best (the same test rows for both) holds 0. Pareto: no other method is at least as "
     "accurate while costing no more in trainable parameters, peak memory, artifact size and "
     "training time."
+)
+NOTE_VALIDATION = (
+    "Validation (the validation split, means over seeds): the backbone alone (zero-shot), the "
+    "method's initialisation before its first step (start; it differs from zero-shot where the "
+    "method adds parts that change answers, such as a soft prompt), and the best validation "
+    "step, whose weights the artifact holds. The start competes for best: a run that training "
+    "never improved on validation keeps its start."
 )
 CSS = """body{font:14px/1.45 system-ui,sans-serif;color:#222;max-width:1160px;margin:24px auto;
 padding:0 16px}h1{font-size:22px}h2{font-size:17px;margin-top:28px}.scroll{overflow-x:auto}
@@ -183,6 +190,14 @@ def _columns(results: dict, rows: list[dict]) -> list[tuple]:
         sure = "" if p.low > 0 else ", not significant"
         return f"{p.difference:+.4f} ({p.low:+.4f} to {p.high:+.4f}{sure}) over {name}"
 
+    def validation(r):
+        if all(r[k] is None for k in VALIDATION):
+            return "—"
+        text = " → ".join(_fmt(r[k], "score") for k in VALIDATION)
+        if r["kept_start"]:
+            text += f" (start kept on {r['kept_start']} of {_seeds(r['seeds'])})"
+        return text
+
     stats_cols = []
     if any(r["interval"] is not None for r in rows):
         stats_cols = [("Accuracy", "95% interval", interval), ("Accuracy", "vs best", versus)]
@@ -201,9 +216,15 @@ def _columns(results: dict, rows: list[dict]) -> list[tuple]:
         ("Accuracy", _metric_label(results), score(results.get("metric", "accuracy"))),
         *stats_cols,
         *[("Accuracy", SECONDARY[k], score(k)) for k in extra],
+        *([("Validation", "Zero-shot → start → best", validation)] if _has_start(rows) else []),
         ("Deployment", "Serving", lambda r: PHRASES.get(r["method"], ("—", "—"))[1]),
         ("Deployment", "Pareto", pareto),
     ]
+
+
+def _has_start(rows: list[dict]) -> bool:
+    """Whether any method's runs measured their start (runs from before it did not)."""
+    return any(r.get("validation_start") is not None for r in rows)
 
 
 def _failures(results: dict) -> list[str]:
@@ -293,6 +314,8 @@ def render_markdown(results: dict) -> str:
     out.append(line(f"{g}: {h}" if g else h for g, h, _ in cols))
     out.append("|" + "---|" * len(cols))
     out += [line(f(r) for *_, f in cols) for r in rows] + ["", NOTE]
+    if _has_start(rows):
+        out += ["", NOTE_VALIDATION]
     if any(r["interval"] is not None for r in rows):
         out += ["", NOTE_INTERVAL]
     if results.get("tuning"):
@@ -379,8 +402,8 @@ def _html_table(results: dict, rows: list[dict]) -> str:
     groups = [(g, len(list(c))) for g, c in groupby(cols, key=lambda c: c[0])]
     head = "".join(f'<th colspan="{n}">{e(g)}</th>' for g, n in groups)
     head += "</tr><tr>" + "".join(f"<th>{e(h)}</th>" for _, h, _ in cols)
-    kinds = ["t" if g in ("Architecture impact", "Deployment") else "w" if g == "Accuracy" else "n"
-             for g, *_ in cols]  # fmt: skip
+    kinds = ["t" if g in ("Architecture impact", "Deployment") else
+             "w" if g in ("Accuracy", "Validation") else "n" for g, *_ in cols]  # fmt: skip
     cells = ["".join(f'<td class="{k}">{e(f(r))}</td>' for k, (*_, f) in zip(kinds, cols))
              for r in rows]  # fmt: skip
     body = "".join(f"<tr>{c}</tr>" for c in cells)
@@ -397,6 +420,8 @@ def render_html(results: dict) -> str:
         f'<h2>Comparison</h2><div class="scroll">{_html_table(results, rows)}</div>',
         f"<p>{e(NOTE)}</p>",
     ]
+    if _has_start(rows):
+        parts.append(f"<p>{e(NOTE_VALIDATION)}</p>")
     if any(r["interval"] is not None for r in rows):
         parts.append(f"<p>{e(NOTE_INTERVAL)}</p>")
     if results.get("tuning"):

@@ -134,6 +134,12 @@ def run(args: argparse.Namespace) -> None:
     from tunelab.train.config import TrainConfig, apply_overrides
 
     task = load_task(args.task)  # bad task files fail here, once, not in every child
+    if task.filter:  # of train and validation only: each run reads its reported split
+        from tunelab.tasks.data import filter_summary, load_splits
+
+        filtered: dict = {}
+        load_splits(task, {task.validation.split}, filtered)
+        print("\n".join(filter_summary(filtered)))
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in names:
         if name not in BASELINES and name not in methods.METHODS:

@@ -135,6 +135,9 @@ def run_trained(
         "metrics": headline_metrics(s[split]),
         "per_row": s[split].get("per_row"),
         "best_validation": s.get("best_validation"),
+        "best_step": s.get("best_step"),
+        "validation_start": s.get("validation_start"),  # step 0: the method's initialisation
+        "validation_zero_shot": s.get("validation_zero_shot"),  # the backbone alone
         "trainable_parameters": s["trainable_parameters"],
         "total_parameters": s["total_parameters"],
         "peak_memory_mb": s["peak_memory_mb"],

@@ -292,7 +292,9 @@ def _follow(
     trial, cmd: list[str], run_dir: Path, reported: set[int], steps: int
 ) -> tuple[str, str | None]:
     """Run one trial's `tunelab train`, reporting its validation curve to the pruner as it
-    comes; stop it when the pruner says so (not at the last step: the trial is done then).
+    comes (step 0, the start, included: it counts toward the trial's best); stop it when the
+    pruner says so (not at step 0, which says nothing about the learning rate, nor at the last
+    step: the trial is done then).
     Steps in `reported` went to the pruner before (a taken-over trial) and were not pruned
     then. Returns (state, error)."""
     progress = run_dir / "progress.jsonl"
@@ -308,7 +310,8 @@ def _follow(
                 if point["step"] in reported:
                     continue
                 trial.report(point["validation"], point["step"])
-                if point["step"] < steps and trial.should_prune():
+                # never on the start alone (step 0: no update yet), nor at the last step
+                if 0 < point["step"] < steps and trial.should_prune():
                     proc.send_signal(signal.SIGTERM)
                     proc.wait()
                     _truncate(progress, point["step"])

@@ -13,6 +13,7 @@ FIELDS = (
     "trainable_parameters", "peak_memory_mb", "train_seconds", "train_examples_per_second",
     "eval_examples_per_second", "artifact_bytes", "task_switch_ms",
 )  # fmt: skip
+VALIDATION = ("validation_zero_shot", "validation_start", "best_validation")
 UNTRAINED = ("zero-shot", "in-context")
 PARETO_COSTS = ("trainable_parameters", "peak_memory_mb", "artifact_bytes", "train_seconds")
 
@@ -61,8 +62,10 @@ def _aggregate(method: str, recs: list[dict], headline: str, model_params) -> di
     names.pop("n", None)
     row["metrics"] = {k: _stats((r.get("metrics") or {}).get(k) for r in ok) for k in names}
     row["metric"], row["metric_std"] = row["metrics"][headline]
-    for field in (*FIELDS, "total_parameters"):
+    for field in (*FIELDS, *VALIDATION, "total_parameters"):
         row[field], row[field + "_std"] = _stats(r.get(field) for r in ok)
+    # runs whose training never beat its start on validation: their artifact is the start
+    row["kept_start"] = sum(r.get("best_step") == 0 for r in ok)
     total, trained = row["total_parameters"] or model_params, row["trainable_parameters"]
     row["trainable_percent"] = 100 * trained / total if trained is not None and total else None
     per_row = [r["per_row"] for r in ok if r.get("per_row")]
@@ -76,7 +79,9 @@ def _aggregate(method: str, recs: list[dict], headline: str, model_params) -> di
 def summarise(results: dict) -> list[dict]:
     """One row per method, in first-appearance order: mean and `<field>_std` of the headline
     metric ("metric") and each numeric field over ok seeds, "metrics" {name: (mean, std)},
-    "seeds" (ok count), "trainable_percent", "failed" (errors) and "curve" (validation); where
+    "seeds" (ok count), "trainable_percent", "failed" (errors), "curve" (validation), the
+    validation scores of the zero-shot backbone, the start and the best step (VALIDATION) and
+    "kept_start" (runs that ended holding their step-0 weights); where
     the runs kept per-row scores, "interval" (95%), and "paired" (against the best) with
     "verdict": best, tied or below. A tuned method's row is its tuned runs."""
     headline = results.get("metric", "accuracy")

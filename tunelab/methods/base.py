@@ -3,6 +3,9 @@ parameters train, and saving/loading those tensors with their names and shapes c
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -100,6 +103,35 @@ class TunedLM(nn.Module):
         with torch.no_grad():
             for name, value in state.items():
                 params[name].copy_(value)
+
+
+@contextmanager
+def backbone_alone(tuned: TunedLM) -> Iterator[TunedLM | None]:
+    """`tuned`'s backbone without the method's parts, for scoring the zero-shot model: no soft
+    prompt, prefix or head, and PEFT adapter layers (LoRA) switched off for the duration. None
+    when the method adds no parts (full, freeze): then `tuned` is the backbone itself, and only
+    before training is it the zero-shot model."""
+    # a PEFT layer exists only if peft was imported (no need to import it here)
+    peft = sys.modules.get("peft.tuners.tuners_utils")
+    layers = [
+        m
+        for m in tuned.model.modules()
+        if peft and isinstance(m, peft.BaseTunerLayer) and not m.disable_adapters
+    ]
+    if not layers and tuned.prompt is None and tuned.prefix is None and tuned.head is None:
+        yield None
+        return
+    # switching adapters back on makes them trainable: a frozen core (hybrid) must stay frozen
+    flags = [(p, p.requires_grad) for p in tuned.model.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield TunedLM(tuned.model, bos_id=tuned.bos_id)
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def save_trainable(tuned: TunedLM, out: Path) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from tunelab.errors import TunelabError
 from tunelab.tasks.readers import Record, read_dataset, read_rows
-from tunelab.tasks.spec import TaskSpec
+from tunelab.tasks.spec import RowFilter, TaskSpec, is_blank
 
 
 def _check_rows(task: TaskSpec, split: str, rows: list[Record]) -> None:
@@ -35,6 +36,86 @@ def _check_rows(task: TaskSpec, split: str, rows: list[Record]) -> None:
                     f"{r.where}: label {label!r} is not in the verbalizer "
                     f"(labels: {', '.join(task.labels)})"
                 )
+
+
+class Filtered(NamedTuple):
+    """What `filter:` did to one split file."""
+
+    kept: int
+    read: int
+    blank: int  # rows dropped for an empty value where min/max wanted a number
+    tested: tuple[str, ...]  # the filter fields this file has
+    absent: tuple[str, ...]  # those it lacks: their tests skipped here
+
+
+def _filter_splits(task: TaskSpec, splits: dict[str, list[Record]]) -> dict[str, Filtered]:
+    """Keep the rows of each split that pass every test of `filter:` whose field the split's
+    rows have (a test file without an annotation column stays whole, and says so). A field no
+    split has is an error: a typo, or the wrong column."""
+    tests = task.row_filters()
+    has = {s: {t.name for t in tests if any(t.name in r.fields for r in rows)}
+           for s, rows in splits.items()}  # fmt: skip
+    for t in tests:
+        if splits and not any(t.name in names for names in has.values()):
+            rows = next(iter(splits.values()))
+            fields = ", ".join(map(str, rows[0].fields)) if rows else "none"
+            raise TunelabError(
+                f"{task.where('filter.' + t.name)}: filter.{t.name}: no row of "
+                f"{', '.join(splits)} has a field {t.name!r} (fields: {fields})"
+            )
+    out = {}
+    for split, rows in splits.items():
+        applied = [t for t in tests if t.name in has[split]]
+        splits[split], blank = _filter_rows(task, split, rows, applied)
+        absent = tuple(t.name for t in tests if t.name not in has[split])
+        names = tuple(t.name for t in applied)
+        out[split] = Filtered(len(splits[split]), len(rows), blank, names, absent)
+    return out
+
+
+def _filter_rows(
+    task: TaskSpec, split: str, rows: list[Record], tests: list[RowFilter]
+) -> tuple[list[Record], int]:
+    """The rows that pass every test (in file order), and how many were dropped for an empty
+    value where `min`/`max` wanted a number."""
+    kept, blank = [], 0
+    for r in rows:
+        for t in tests:
+            if t.name not in r.fields:
+                raise TunelabError(f"{r.where}: missing field {t.name!r}, which `filter:` tests")
+            value = r.fields[t.name]
+            try:
+                if not t.keeps(value):
+                    blank += t.numeric and is_blank(value)
+                    break
+            except ValueError:
+                raise TunelabError(
+                    f"{r.where}: field {t.name!r} is {value!r}, not a number "
+                    f"(filter.{t.name} compares it with min/max)"
+                ) from None
+        else:
+            kept.append(r)
+    if rows and not kept:
+        raise TunelabError(
+            f"{rows[0].source}: split {split!r}: `filter:` ({task.where('filter')}) kept none "
+            f"of its {len(rows):,} rows"
+        )
+    return kept, blank
+
+
+def filter_summary(filtered: dict[str, Filtered]) -> list[str]:
+    """`train: 18,132 of 38,158 rows kept by filter (5,460 dropped for an empty value)`, one
+    line per split file (see `load_splits`)."""
+    lines = []
+    for split, f in filtered.items():
+        if not f.tested:
+            lines.append(f"{split}: not filtered (its rows have no {', '.join(f.absent)})")
+            continue
+        line = f"{split}: {f.kept:,} of {f.read:,} rows kept by filter"
+        notes = [f"{f.blank:,} dropped for an empty value"] if f.blank else []
+        notes += [f"no {', '.join(f.absent)} to test"] if f.absent else []
+        lines.append(line + (f" ({'; '.join(notes)})" if notes else ""))
+    return lines
 
 
 def label_of(task: TaskSpec, record: Record) -> str:
@@ -70,13 +151,17 @@ def _wanted(split: str, only: set[str] | None) -> bool:
     return only is None or split == "train" or split in only
 
 
-def load_splits(task: TaskSpec, only: set[str] | None = None) -> dict[str, list[Record]]:
+def load_splits(
+    task: TaskSpec, only: set[str] | None = None, filtered: dict | None = None
+) -> dict[str, list[Record]]:
     """Every split of the task, checked, with holdout, few-shot and validation applied.
 
     With `only`, split files not named there are never opened (train always is): a search
-    that selects on validation cannot read the split it will be reported on.
+    that selects on validation cannot read the split it will be reported on. With `filter:`
+    in the task, `filtered` (when given) receives what it did to each split file (Filtered).
 
-    Order (seeded, so every run sees the same rows): split files are read; `holdout` splits are
+    Order (seeded, so every run sees the same rows): split files are read and `filter:` keeps
+    the rows that pass it; `holdout` splits are
     carved from train; few-shot sampling keeps k rows per class of train; a missing validation
     split is carved from the remaining train rows (k per class under few-shot, as in LM-BFF).
     """
@@ -87,6 +172,10 @@ def load_splits(task: TaskSpec, only: set[str] | None = None) -> dict[str, list[
     else:
         files = {s: p for s, p in task.data.items() if _wanted(s, only)}
         splits = {s: read_rows(Path(p), task.encoding) for s, p in files.items()}
+    if task.filter:
+        done = _filter_splits(task, splits)
+        if filtered is not None:
+            filtered.update(done)
     for split, rows in splits.items():
         _check_rows(task, split, rows)
 

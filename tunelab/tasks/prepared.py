@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunelab.errors import TunelabError
-from tunelab.tasks.data import load_splits
+from tunelab.tasks.data import Filtered, filter_summary, load_splits
 from tunelab.tasks.demonstrations import DemoSelector
 from tunelab.tasks.encode import Example, encode
 from tunelab.tasks.readers import Record
@@ -21,6 +21,7 @@ class PreparedTask:
     verbalizer: Verbalizer | None  # None for a generation task
     demos: DemoSelector | None
     max_length: int = 512
+    filtered: dict[str, Filtered] = field(default_factory=dict)  # what `filter:` kept
     _encoded: dict[str, list[Example]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -35,7 +36,8 @@ class PreparedTask:
     ) -> PreparedTask:
         """`only`: read just these splits (and train), see `load_splits`."""
         verbalizer = None if task.is_generation else Verbalizer.build(task, tokenizer)
-        splits = load_splits(task, only) if splits is None else splits
+        filtered: dict[str, Filtered] = {}
+        splits = load_splits(task, only, filtered) if splits is None else splits
         pool = demo_pool if demo_pool is not None else splits.get("train", [])
         if task.sql is not None:  # rows get `schema`, their database's schema as text
             from tunelab.tasks.sql import attach_schemas
@@ -43,7 +45,11 @@ class PreparedTask:
             for rows in [*splits.values(), pool]:
                 attach_schemas(task, rows)
         demos = DemoSelector(task, pool) if task.demonstrations.k > 0 and pool else None
-        return cls(task, tokenizer, splits, verbalizer, demos, max_length)
+        return cls(task, tokenizer, splits, verbalizer, demos, max_length, filtered)
+
+    def filter_summary(self) -> list[str]:
+        """`train: 18,132 of 38,158 rows kept by filter`, one line per split file filtered."""
+        return filter_summary(self.filtered)
 
     def split(self, name: str) -> list[Record]:
         if name not in self.splits:

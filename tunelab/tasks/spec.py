@@ -67,6 +67,92 @@ class Validation:
     seed: int = 0
 
 
+FILTER_OPERATORS = ("min", "max", "in", "not_in")
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """One field's test under `filter:` (rows failing it are dropped before any splitting):
+    `min`/`max` numeric and inclusive, `in`/`not_in` compared as text."""
+
+    name: str  # the row field tested
+    min: float | None = None
+    max: float | None = None
+    among: tuple[str, ...] | None = None  # `in`
+    not_among: tuple[str, ...] = ()  # `not_in`
+
+    @classmethod
+    def parse(cls, name: str, ops: dict, where) -> RowFilter:
+        """From `{min: 0.9}` or `{in: [a, b]}`; `where(key)` names a key's file:line."""
+        key = f"filter.{name}"
+        if not ops:
+            raise TunelabError(
+                f"{where(key)}: {key}: no operator (use {', '.join(FILTER_OPERATORS)})"
+            )
+        values: dict = {}
+        for op, value in ops.items():
+            if op not in FILTER_OPERATORS:
+                raise TunelabError(
+                    f"{where(f'{key}.{op}')}: {key}: unknown operator {op!r} (known: "
+                    f"{', '.join(FILTER_OPERATORS)})"
+                )
+            if op in ("min", "max"):
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                if not number or math.isnan(value):
+                    raise TunelabError(
+                        f"{where(f'{key}.{op}')}: {key}.{op}: expected a number, got {value!r}"
+                    )
+                values[op] = float(value)
+                continue
+            items = value if isinstance(value, list) else [value]
+            if not items or any(isinstance(v, dict | list) or v is None for v in items):
+                raise TunelabError(
+                    f"{where(f'{key}.{op}')}: {key}.{op}: expected a value or a list of values, "
+                    f"got {value!r}"
+                )
+            values["among" if op == "in" else "not_among"] = tuple(str(v) for v in items)
+        if values.get("min", -math.inf) > values.get("max", math.inf):
+            raise TunelabError(
+                f"{where(key)}: {key}: min {values['min']:g} is above max {values['max']:g}: "
+                "no row could pass"
+            )
+        return cls(name, **values)
+
+    @property
+    def numeric(self) -> bool:
+        return self.min is not None or self.max is not None
+
+    def keeps(self, value) -> bool:
+        """Whether a row whose field holds `value` passes. An empty value (a blank CSV cell,
+        JSON null) fails `min`/`max`; any other value they cannot read as a number raises
+        ValueError."""
+        if self.numeric:
+            if is_blank(value):
+                return False
+            number = _number(value)
+            if self.min is not None and number < self.min:
+                return False
+            if self.max is not None and number > self.max:
+                return False
+        text = "" if value is None else str(value)
+        return (self.among is None or text in self.among) and text not in self.not_among
+
+
+def is_blank(value) -> bool:
+    """A missing value: JSON null, or a CSV cell of nothing but spaces."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _number(value) -> float:
+    """A field's value as a number: numbers as they are, text parsed (CSV cells are text)."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    number = float(value) if isinstance(value, int | float) else float(str(value).strip())
+    if math.isnan(number):
+        raise ValueError(value)
+    return number
+
+
 @dataclass
 class TaskSpec:
     name: str
@@ -82,6 +168,8 @@ class TaskSpec:
     holdout: dict[str, float] = field(default_factory=dict)  # split -> rows (or a fraction)
     answer_prefix: str = " "
     few_shot: FewShot | None = None
+    # field -> {min, max, in, not_in}: rows kept before any splitting (see RowFilter)
+    filter: dict[str, dict] = field(default_factory=dict)
     validation: Validation = field(default_factory=Validation)
     demonstrations: Demonstrations = field(default_factory=Demonstrations)
     encoding: str = "utf-8"
@@ -95,6 +183,10 @@ class TaskSpec:
     @property
     def is_generation(self) -> bool:
         return self.target is not None
+
+    def row_filters(self) -> list[RowFilter]:
+        """`filter:` as one test per field (a row must pass them all)."""
+        return [RowFilter.parse(name, ops, self.where) for name, ops in self.filter.items()]
 
     @property
     def target_fields(self) -> list[str]:
@@ -144,6 +236,7 @@ class TaskSpec:
         self._check_templates()
         self._check_kind()
         self._check_numbers()
+        self.row_filters()  # a bad `filter:` raises here, naming its line
         if not self.data and not self.dataset:
             raise TunelabError(
                 f"{self.source}: the task file needs `data:` (split: file) or `dataset:`"

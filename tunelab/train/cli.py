@@ -169,6 +169,29 @@ def _differ(a: dict, b: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in a.items() if b.get(k, object()) != v)
 
 
+def start_scores(history: list[dict]) -> dict:
+    """The validation score of the start (step 0, the method's initialisation) and of the
+    backbone alone (zero-shot), from the training history; None where not measured."""
+    start = next((h for h in history if h.get("step") == 0), {})
+    return {
+        "validation_start": start.get("validation"),
+        "validation_zero_shot": start.get("zero_shot"),
+    }
+
+
+def validation_line(summary: dict) -> str:
+    """`validation: zero-shot 0.5200, start 0.4900, best 0.7100 at step 40`."""
+    parts = [
+        f"{name} {summary[key]:.4f}"
+        for name, key in (("zero-shot", "validation_zero_shot"), ("start", "validation_start"))
+        if summary.get(key) is not None
+    ]
+    best = f"best {summary['best_validation']:.4f} at step {summary['best_step']}"
+    if summary["best_step"] == 0:
+        best += " (no step beat the start: the artifact holds it)"
+    return "validation: " + ", ".join([*parts, best])
+
+
 def run(args: argparse.Namespace) -> None:
     """Train a method on a task; evaluate the best checkpoint; write the artifact to --out.
 
@@ -204,6 +227,8 @@ def run(args: argparse.Namespace) -> None:
     val_ex = prep.examples(val_name) if val_name in prep.splits else []
     kind = "generation" if task.is_generation else "labels " + ", ".join(prep.verbalizer.labels)
     reported = f"{len(prep.split(report))} {report}" if report else "no reported split read"
+    for line in prep.filter_summary():
+        say(line)
     say(f"task {task.name}: {len(train_ex)} train, {len(val_ex)} validation, {reported}; {kind}")
     evaluate = dict(
         batch_size=train_cfg.eval_batch_size,
@@ -255,6 +280,7 @@ def run(args: argparse.Namespace) -> None:
         validate=validate,
         on_validation=follow if args.progress else None,
         run=run_id,
+        zero_shot=not args.validate_only,  # a search's trials need only their own curve
     )
     seconds = time.perf_counter() - start
     sharded = distributed.sharded(tuned)
@@ -272,6 +298,7 @@ def run(args: argparse.Namespace) -> None:
         **({report: metrics} if report else {}),
         "best_validation": result.best_metric,
         "best_step": result.best_step,
+        **start_scores(result.history),
         "steps": result.step,
         "train_seconds": round(seconds, 1),
         "trainable_parameters": n_train,
@@ -293,15 +320,12 @@ def run(args: argparse.Namespace) -> None:
         result.history,
         prep.demos.pool if prep.demos else None,
     )
-    best = (
-        f" (best validation {result.best_metric:.4f} at step {result.best_step})"
-        if result.best_metric is not None
-        else ""
-    )
     print(
-        f"trained {result.step} steps in {seconds:.0f}s{best}; "
+        f"trained {result.step} steps in {seconds:.0f}s; "
         f"peak memory {summary['peak_memory_mb']:,.0f} MB"
     )
+    if result.best_metric is not None:
+        print(validation_line(summary))
     if metrics is None:
         print(f"artifact: {args.out}")
         distributed.finish()

@@ -113,6 +113,10 @@ def full_weights(tuned: nn.Module):
     if not sharded(tuned):
         yield
         return
+    # FSDP takes the first module to run forward as the root; validation at step 0 comes before
+    # any training step and runs the blocks outside `tuned`'s forward, so make `tuned` the root
+    # now (a no-op once it is; no public call does this in torch 2.13)
+    tuned._get_fsdp_state()._lazy_init()
     tuned.unshard()
     try:
         yield

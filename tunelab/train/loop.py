@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.predict import autocast, native_bf16, predict_logprobs
+from tunelab.methods.base import backbone_alone
 from tunelab.models.head_cache import after_head, head_ids
 from tunelab.models.lean import lean_swiglu
 from tunelab.models.scoring import make_batch
@@ -163,6 +164,7 @@ def train(
     validate=None,
     on_validation=None,
     run: dict | None = None,
+    zero_shot: bool = False,
 ) -> TrainResult:
     """Train `tuned`'s trainable parameters; leave it holding the best validation weights.
 
@@ -171,6 +173,9 @@ def train(
     the loss is the target tokens' mean negative log-likelihood. `validate(tuned) -> score`
     replaces the default validation (label accuracy on `val_ex`). `on_validation(record)` sees
     each validation result as it comes (rank 0), e.g. to follow a trial's curve from outside.
+    Validation runs at step 0 too, before any update (history's step-0 record, no loss), and
+    the best-checkpoint choice includes it; with `zero_shot`, that record also holds the score
+    of the backbone alone (`zero_shot`: no soft prompt, prefix or head, adapters off).
     `run` (task, method and its config) is kept in the checkpoint, so that --resume can refuse
     another run's.
     """
@@ -228,6 +233,47 @@ def train(
         mininterval=1.0,
         disable=not world.main,
     )
+
+    def score(model) -> float:
+        if validate is not None:
+            return validate(model)
+        return validation_accuracy(model, val_ex, verbalizer, pad_id, cfg)
+
+    def validate_now(record: dict, **postfix) -> None:
+        """Score the weights as they are now into `record`; keep them as the best when they beat
+        the best so far, or tie the start (step 0: on a tie the trained weights win)."""
+        acc = zero = None
+        if world.main or sharded:  # under FSDP every rank runs the model
+            with distributed.full_weights(tuned):
+                acc = score(tuned)
+                if record["step"] == 0 and zero_shot:
+                    with backbone_alone(tuned) as bare:  # None: the start is the backbone
+                        zero = acc if bare is None else score(bare)
+        acc, zero = distributed.from_main((acc, zero), world)  # every rank decides the same
+        record["validation"] = acc
+        if record["step"] == 0 and zero_shot:
+            record["zero_shot"] = zero
+        if (
+            res.best_metric is None
+            or acc > res.best_metric
+            or (res.best_step == 0 and acc == res.best_metric)
+        ):
+            res.best_metric, res.best_step, res.bad_evals = acc, res.step, 0
+            save(tuned.trainable_state(), best_path, {"step": res.step, "validation": acc})
+        else:
+            res.bad_evals += 1
+            if cfg.patience and res.bad_evals >= cfg.patience:
+                res.stopped_early = True
+        bar.set_postfix(**postfix, val=f"{acc:.3f}", best=f"{res.best_metric:.3f}")
+        if on_validation is not None and world.main:
+            on_validation(record)
+
+    if res.step == 0 and (val_ex or validate):
+        # the start (the method's initialisation) competes for best: a run whose training only
+        # makes things worse ends holding it. A resumed run has this record in its checkpoint
+        start_record = {"step": 0}
+        validate_now(start_record)
+        res.history.append(start_record)
     tuned.train()
     ema = None
     lengths = [len(ex.ids) + len(ex.target or ()) for ex in train_ex]
@@ -299,25 +345,7 @@ def train(
         ema = total if ema is None else 0.9 * ema + 0.1 * total
         record = {"step": res.step, "loss": round(total, 5), "lr": opt.param_groups[0]["lr"]}
         if validating:
-            acc = None
-            if world.main or sharded:  # under FSDP every rank runs the model
-                with distributed.full_weights(tuned):
-                    if validate is not None:
-                        acc = validate(tuned)
-                    else:
-                        acc = validation_accuracy(tuned, val_ex, verbalizer, pad_id, cfg)
-            acc = distributed.from_main(acc, world)  # every rank takes the same decisions
-            record["validation"] = acc
-            if res.best_metric is None or acc > res.best_metric:
-                res.best_metric, res.best_step, res.bad_evals = acc, res.step, 0
-                save(tuned.trainable_state(), best_path, {"step": res.step, "validation": acc})
-            else:
-                res.bad_evals += 1
-                if cfg.patience and res.bad_evals >= cfg.patience:
-                    res.stopped_early = True
-            bar.set_postfix(loss=f"{ema:.4f}", val=f"{acc:.3f}", best=f"{res.best_metric:.3f}")
-            if on_validation is not None and world.main:
-                on_validation(record)
+            validate_now(record, loss=f"{ema:.4f}")
         elif res.step % 5 == 0:
             bar.set_postfix(loss=f"{ema:.4f}")
         res.history.append(record)
