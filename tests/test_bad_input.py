@@ -81,6 +81,13 @@ def _edit_meta(c: Case, change) -> Path:
     return art
 
 
+def _generation(c: Case, extra: str = "") -> Path:
+    """The tiny task as generation (the label as target text), with `extra` on line 10."""
+    text = c.yaml.replace("label_field: label\n", 'target: " {label}"\n')
+    c.task.write_text(text.replace("verbalizer:\n  positive: yes\n  negative: no\n", "") + extra)
+    return c.task
+
+
 def _rows(c: Case, text: str) -> Path:
     c.train_file.write_text(text)
     return c.task
@@ -159,6 +166,16 @@ CASES = [
      [f"{T}:13:", "generation:", "classification"]),
     ("dataset-not-mapping", lambda c: c.train(task=c.add("dataset: foo\n")),
      [f"{T}:13:", "dataset:", "'foo'"]),
+    ("calibrate-unknown", lambda c: c.train(task=c.add("calibrate: yes\n")),
+     [f"{T}:13:", "calibrate:", "'content-free'", "'yes'"]),
+    ("calibrate-not-text", lambda c: c.train(task=c.add("calibrate: true\n")),
+     [f"{T}:13:", "calibrate:", "True"]),
+    ("calibrate-on-generation", lambda c: c.train(task=_generation(c, "calibrate: content-free\n")),
+     [f"{T}:10:", "calibrate:", "generation"]),
+    ("content-free-empty", lambda c: c.train(task=c.add("content_free: []\n")),
+     [f"{T}:13:", "content_free:", "at least one"]),
+    ("content-free-number", lambda c: c.train(task=c.add("content_free: [N/A, 3]\n")),
+     [f"{T}:13:", "content_free[1]:", "3"]),
     # data rows: file and line
     ("row-label-unknown", lambda c: _rows(c, '{"text": "a", "label": "pos"}\n') and c.train(),
      ["train.jsonl:1:", "label 'pos'"]),
@@ -231,6 +248,14 @@ CASES = [
      ["input 1", "missing field 'text'"]),
     ("predict-field-list", lambda c: ["predict", "--adapter", c.artifact, '{"text": [1]}'],
      ["input 1", "field 'text'", "[1]"]),
+    ("train-calibrate-generation", lambda c: c.train("--calibrate", task=_generation(c)),
+     ["--calibrate", "'tiny'", "generation task"]),
+    ("eval-calibrate-generation", lambda c: ["eval", "--task", _generation(c), "--model", c.model,
+                                             "--calibrate"],
+     ["--calibrate", "'tiny'", "generation task"]),
+    ("eval-meta-calibration", lambda c: ["eval", "--adapter", _edit_meta(
+        c, lambda m: {**m, "calibration": {"p_cf": {"positive": -1}}}), "--calibrate"],
+     ["tunelab.json", "calibration:", "-1"]),
     ("predict-adapter-missing", lambda c: ["predict", "--adapter", c.dir / "nope", "good"],
      ["nope", "no such adapter directory"]),
 ]  # fmt: skip

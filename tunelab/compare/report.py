@@ -15,7 +15,13 @@ from tunelab.compare.plots import Series, frontier, plot, si
 from tunelab.compare.search import show_params
 from tunelab.compare.summary import UNTRAINED, summarise, tuning_rows, winners
 
-SECONDARY = {"macro_f1": "Macro-F1", "exact_set_match": "Exact-set match", "token_f1": "Token F1"}
+SECONDARY = {
+    "accuracy_calibrated": "Calibrated accuracy",  # content-free (evaluate/calibrate.py)
+    "macro_f1": "Macro-F1",
+    "macro_f1_calibrated": "Calibrated macro-F1",
+    "exact_set_match": "Exact-set match",
+    "token_f1": "Token F1",
+}
 SHARED = "one frozen backbone serves many tasks, per-row prompts in one batch"
 # method: (what training changes, how it is deployed)
 PHRASES = {

@@ -64,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demos", type=int, default=1, help="demonstrations per class for in-context")
     p.add_argument("--limit", type=int, default=None, help="score on the first N rows only")
     p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also score every method with contextual calibration (as the task key "
+        "`calibrate: content-free`): the report shows the calibrated accuracy beside the plain",
+    )
+    p.add_argument(
         "--tune",
         type=int,
         default=0,
@@ -134,6 +140,11 @@ def run(args: argparse.Namespace) -> None:
     from tunelab.train.config import TrainConfig, apply_overrides
 
     task = load_task(args.task)  # bad task files fail here, once, not in every child
+    if args.calibrate and task.is_generation:
+        raise TunelabError(
+            f"--calibrate: task {task.name!r} is a generation task; calibration corrects "
+            "label probabilities (classification tasks only)"
+        )
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in names:
         if name not in BASELINES and name not in methods.METHODS:
@@ -237,11 +248,20 @@ def _one_run(method, seed, params, run_dir: Path, common, args, tag: str) -> dic
     start = time.perf_counter()
     try:
         if method in BASELINES:
-            record = runs.run_baseline(method, common, args.eval_split, args.demos, run_dir)
+            record = runs.run_baseline(
+                method, common, args.eval_split, args.demos, run_dir, args.calibrate
+            )
         else:
             settings = [*args.set, *(f"{k}={v}" for k, v in params.items())]
             record = runs.run_trained(
-                method, seed, common, settings, args.eval_split, run_dir, args.resume
+                method,
+                seed,
+                common,
+                settings,
+                args.eval_split,
+                run_dir,
+                args.resume,
+                args.calibrate,
             )
     except (OSError, KeyError, ValueError) as e:  # a run that left unreadable results
         record = {"status": "failed", "error": f"{run_dir}: unreadable results: {e!r}"}
@@ -294,6 +314,8 @@ def _results(task, args, train_cfg, seeds, records, tuning) -> dict:
         "task_kind": "generation" if task.is_generation else "classification",
         "split": next((r["split"] for r in ok), args.eval_split),
         "metric": runs.headline_metric(task),
+        # records' metrics hold `accuracy_calibrated` too (content-free calibration)
+        "calibrate": bool(args.calibrate or task.calibrate),
         "model": {
             "name": args.model or DEFAULT_MODEL,
             "fingerprint": fingerprint,
@@ -329,18 +351,24 @@ def summary_table(results: dict) -> str:
     from tunelab.compare.summary import summarise
 
     name = results["metric"].replace("_", " ")
+    rows = summarise(results)
+    key = results["metric"] + "_calibrated"
+    shown = any((r["metrics"].get(key) or (None,))[0] is not None for r in rows)
     lines = [
-        f"{'method':<15}{name:>12}{'95% interval':>17}{'trainable':>14}{'peak MB':>10}"
-        f"{'train s':>9}  vs best"
-    ]
-    for r in summarise(results):
+        f"{'method':<15}{name:>12}" + (f"{'calibrated':>12}" if shown else "")
+        + f"{'95% interval':>17}{'trainable':>14}{'peak MB':>10}{'train s':>9}  vs best"
+    ]  # fmt: skip
+    for r in rows:
         if not r["seeds"]:
             lines.append(f"{r['method']:<15}  failed: {r['failed'][0]}")
             continue
         ci = r.get("interval")
         ci_text = f"{ci.low:.3f}-{ci.high:.3f}" if ci else ""
+        cal = (r["metrics"].get(key) or (None,))[0]
+        cal_text = f"{'—' if cal is None else f'{cal:.4f}':>12}" if shown else ""
         lines.append(
-            f"{r['method']:<15}{r['metric']:>12.4f}{ci_text:>17}{r['trainable_parameters']:>14,.0f}"
+            f"{r['method']:<15}{r['metric']:>12.4f}{cal_text}{ci_text:>17}"
+            f"{r['trainable_parameters']:>14,.0f}"
             f"{r['peak_memory_mb']:>10,.0f}{r['train_seconds'] or 0:>9.0f}"
             + f"  {r['verdict'] or ''}"
             + (f" ({_gain(r['over_untrained'])})" if r.get("over_untrained") else "")

@@ -16,8 +16,8 @@ from tunelab import methods
 
 BASELINES = ("zero-shot", "in-context")
 HEADLINE_KEYS = (
-    "accuracy", "macro_f1", "execution_accuracy", "exact_set_match", "exact_match", "token_f1",
-    "n",
+    "accuracy", "macro_f1", "accuracy_calibrated", "macro_f1_calibrated", "execution_accuracy",
+    "exact_set_match", "exact_match", "token_f1", "n",
 )  # fmt: skip
 
 
@@ -77,11 +77,20 @@ def artifact_bytes(out: Path) -> int:
     )
 
 
-def run_baseline(method: str, common: list[str], split: str | None, demos: int, run_dir: Path):
-    """zero-shot or in-context (`demos` per class): the untrained model, scored."""
+def run_baseline(
+    method: str,
+    common: list[str],
+    split: str | None,
+    demos: int,
+    run_dir: Path,
+    calibrate: bool = False,
+):
+    """zero-shot or in-context (`demos` per class): the untrained model, scored (calibrated
+    too, beside the plain scores, with `calibrate` or where the task says so)."""
     metrics_file = run_dir / "metrics.json"
     cli = ["eval", *common, "--metrics", str(metrics_file)]
     cli += ["--demos", str(demos if method == "in-context" else 0)]
+    cli += ["--calibrate"] if calibrate else []
     cli += ["--split", split] if split else []
     code, rss, last = run_child(cli, run_dir / "run.log")
     if code != 0:
@@ -92,6 +101,7 @@ def run_baseline(method: str, common: list[str], split: str | None, demos: int, 
         "split": m["split"],
         "metrics": headline_metrics(m),
         "per_row": m.get("per_row"),
+        "per_row_calibrated": m.get("per_row_calibrated"),
         "trainable_parameters": 0,
         "peak_memory_mb": round(rss, 1),
         "train_seconds": 0.0,
@@ -111,10 +121,13 @@ def run_trained(
     split: str | None,
     run_dir: Path,
     resume: bool,
+    calibrate: bool = False,
 ) -> dict:
-    """Train `method` with `settings` (--set pairs, later ones win) and score it on `split`."""
+    """Train `method` with `settings` (--set pairs, later ones win) and score it on `split`
+    (calibrated too, with `calibrate` or where the task says so)."""
     sets = [*settings_for(method, settings), f"seed={seed}"]
     cli = ["train", *common, "--method", method, "--out", str(run_dir)]
+    cli += ["--calibrate"] if calibrate else []
     cli += [x for kv in sets for x in ("--set", kv)]
     cli += ["--eval-split", split] if split else []
     finished = (run_dir / "tunelab.json").is_file()  # the artifact is written last
@@ -134,6 +147,7 @@ def run_trained(
         "split": split,
         "metrics": headline_metrics(s[split]),
         "per_row": s[split].get("per_row"),
+        "per_row_calibrated": s[split].get("per_row_calibrated"),
         "best_validation": s.get("best_validation"),
         "trainable_parameters": s["trainable_parameters"],
         "total_parameters": s["total_parameters"],

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tunelab.artifact import load_artifact
 from tunelab.errors import TunelabError
+from tunelab.evaluate import calibrate
 from tunelab.evaluate.metrics import format_confusion
 from tunelab.evaluate.predict import evaluate_split, predict_logprobs
 from tunelab.io import check_writable_dir, prepare_output_file
@@ -33,6 +34,8 @@ _PROMPT_KEYS = (
     "demonstrations",
     "target",
     "generation",
+    "calibrate",
+    "content_free",
 )
 
 
@@ -123,9 +126,21 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="evaluate the first N rows of the split only (a quick look)",
     )
+    add_calibrate_argument(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def add_calibrate_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="contextual calibration: divide out the label bias measured on content-free "
+        "inputs (default: on where the task says `calibrate: content-free`; an artifact's "
+        "stored bias is used, else it is measured now, one forward pass per input)",
+    )
 
 
 def _check_eval_args(args: argparse.Namespace) -> None:
@@ -169,7 +184,18 @@ def run_eval(args: argparse.Namespace) -> None:
     prep = PreparedTask.load(task, backbone.tokenizer, _max_length(meta), demo_pool=_pool(meta))
     split = prep.eval_split(args.split)
     prep.limit(split, args.limit)
-    metrics, outputs = evaluate_split(tuned, prep, split, args.batch_size, bf16=args.bf16)
+    cal = calibrate.resolve(
+        tuned,
+        prep,
+        meta,
+        calibrate.is_on(args.calibrate, task),
+        str(args.adapter / "tunelab.json") if args.adapter else "--calibrate",
+        batch_size=args.batch_size,
+        bf16=args.bf16,
+    )
+    metrics, outputs = evaluate_split(
+        tuned, prep, split, args.batch_size, bf16=args.bf16, calibration=cal
+    )
     mode = meta.get("method") or ("in-context" if task.demonstrations.k else "zero-shot")
     if task.sql is not None:
         print(
@@ -189,7 +215,14 @@ def run_eval(args: argparse.Namespace) -> None:
             f"{task.name} [{split}] {mode}: accuracy {metrics['accuracy']:.4f}, "
             f"macro-F1 {metrics['macro_f1']:.4f}, n={metrics['n']}"
         )
-        print(format_confusion(metrics))
+        if cal is not None:  # the predictions (and the matrix below) are the calibrated ones
+            print(
+                f"calibrated: accuracy {metrics['accuracy_calibrated']:.4f}, macro-F1 "
+                f"{metrics['macro_f1_calibrated']:.4f} ({cal.describe()})"
+            )
+            print(format_confusion({**metrics, "confusion": metrics["confusion_calibrated"]}))
+        else:
+            print(format_confusion(metrics))
     out = args.predictions or (
         args.adapter / f"predictions-{split}.jsonl" if args.adapter else None
     )
@@ -222,6 +255,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
         help="read every TEXT as a JSON object of the task's input fields (without it, a TEXT "
         "is such an object only when it parses as one; otherwise it is plain text)",
     )
+    add_calibrate_argument(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
@@ -279,6 +313,8 @@ def run_predict(args: argparse.Namespace) -> None:
         demo_pool=_pool(meta),
     )
     examples = prep.examples("input")
+    source = str(args.adapter / "tunelab.json")
+    cal = calibrate.resolve(tuned, prep, meta, calibrate.is_on(args.calibrate, task), source)
     if task.is_generation:
         from tunelab.evaluate.generate import greedy_generate
 
@@ -297,6 +333,8 @@ def run_predict(args: argparse.Namespace) -> None:
             )
         return
     probs = predict_logprobs(tuned, examples, prep.verbalizer, backbone.tokenizer.pad_token_id)
+    if cal is not None:
+        probs = calibrate.apply(probs, cal)
     labels = prep.verbalizer.labels
     for text, row in zip(args.text, probs.exp().tolist()):
         best, dist = _distribution(labels, row)

@@ -12,6 +12,7 @@ from pathlib import Path
 from tunelab import methods
 from tunelab.artifact import save_artifact
 from tunelab.errors import TunelabError
+from tunelab.evaluate.calibrate import measure as measure_calibration
 from tunelab.evaluate.metrics import headline
 from tunelab.evaluate.predict import evaluate_split
 from tunelab.io import check_writable_dir
@@ -72,6 +73,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--baseline",
         action="store_true",
         help="also evaluate the untrained model (zero-shot, same template) first",
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="as the task key `calibrate: content-free`: measure the label bias on "
+        "content-free inputs with the final weights, store it in the artifact, and report "
+        "calibrated scores beside the plain ones",
     )
     p.add_argument(
         "--eval-split",
@@ -169,12 +177,26 @@ def _differ(a: dict, b: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in a.items() if b.get(k, object()) != v)
 
 
+def _calibrated(metrics: dict) -> str:
+    """The calibrated accuracy, to follow the plain one on a line ("" when not calibrated)."""
+    if "accuracy_calibrated" not in metrics:
+        return ""
+    return f" (calibrated {metrics['accuracy_calibrated']:.4f})"
+
+
 def run(args: argparse.Namespace) -> None:
     """Train a method on a task; evaluate the best checkpoint; write the artifact to --out.
 
     Under `torchrun --nproc_per_node=N` (or `accelerate launch`) the same command trains with
     DistributedDataParallel (or, with fsdp=true, FSDP); rank 0 writes the artifact."""
     task = load_task(args.task)
+    if args.calibrate:
+        if task.is_generation:
+            raise TunelabError(
+                f"--calibrate: task {task.name!r} is a generation task; calibration corrects "
+                "label probabilities (classification tasks only)"
+            )
+        task = dataclasses.replace(task, calibrate="content-free")
     method = methods.get(args.method)
     train_cfg, method_cfg = apply_overrides(args.set, TrainConfig(), methods.CONFIGS[args.method]())
     if args.limit is not None and args.limit < 1:
@@ -213,8 +235,10 @@ def run(args: argparse.Namespace) -> None:
 
     baseline = None
     if args.baseline and world.main and report is not None:
-        baseline, _ = evaluate_split(TunedLM(backbone.model), prep, report, **evaluate)
-        print("zero-shot {} {}: {:.4f}".format(report, *headline(baseline)))
+        untrained = TunedLM(backbone.model)
+        cal = measure_calibration(untrained, prep, **evaluate) if task.calibrate else None
+        baseline, _ = evaluate_split(untrained, prep, report, calibration=cal, **evaluate)
+        print("zero-shot {} {}: {:.4f}".format(report, *headline(baseline)) + _calibrated(baseline))
 
     tuned = method.build(backbone, method_cfg, prep.verbalizer, train_cfg.seed)
     n_train = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
@@ -258,10 +282,15 @@ def run(args: argparse.Namespace) -> None:
     )
     seconds = time.perf_counter() - start
     sharded = distributed.sharded(tuned)
-    metrics = None
-    if report is not None and (world.main or sharded):  # under FSDP every rank runs the model
+    metrics = calibration = None
+    if world.main or sharded:  # under FSDP every rank runs the model
         with distributed.full_weights(tuned):
-            metrics, _ = evaluate_split(tuned, prep, report, **evaluate)
+            if task.calibrate:  # the label bias of the final weights, kept in the artifact
+                calibration = measure_calibration(tuned, prep, **evaluate)
+            if report is not None:
+                metrics, _ = evaluate_split(
+                    tuned, prep, report, calibration=calibration, **evaluate
+                )
     if sharded:
         distributed.unshard_to_main(tuned, world)  # rank 0 writes whole tensors
     if not world.main:  # rank 0 holds the same weights and writes the one artifact
@@ -292,7 +321,10 @@ def run(args: argparse.Namespace) -> None:
         summary,
         result.history,
         prep.demos.pool if prep.demos else None,
+        calibration.to_dict() if calibration else None,
     )
+    if calibration is not None:
+        print(calibration.describe())
     best = (
         f" (best validation {result.best_metric:.4f} at step {result.best_step})"
         if result.best_metric is not None
@@ -310,8 +342,9 @@ def run(args: argparse.Namespace) -> None:
     if baseline is not None:
         print(
             f"{report} {name}: zero-shot {headline(baseline)[1]:.4f} -> {args.method} {value:.4f}"
+            + _calibrated(metrics)
         )
     else:
-        print(f"{report} {name}: {value:.4f}")
+        print(f"{report} {name}: {value:.4f}" + _calibrated(metrics))
     print(f"artifact: {args.out}")
     distributed.finish()
