@@ -253,6 +253,9 @@ CASES = [
     ("eval-calibrate-generation", lambda c: ["eval", "--task", _generation(c), "--model", c.model,
                                              "--calibrate"],
      ["--calibrate", "'tiny'", "generation task"]),
+    ("compare-calibrate-generation", lambda c: ["compare", "--task", _generation(c), "--out",
+                                                c.dir / "cmp", "--calibrate"],
+     ["--calibrate", "'tiny'", "generation task"]),
     ("eval-meta-calibration", lambda c: ["eval", "--adapter", _edit_meta(
         c, lambda m: {**m, "calibration": {"p_cf": {"positive": -1}}}), "--calibrate"],
      ["tunelab.json", "calibration:", "-1"]),

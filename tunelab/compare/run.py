@@ -140,11 +140,10 @@ def run(args: argparse.Namespace) -> None:
     from tunelab.train.config import TrainConfig, apply_overrides
 
     task = load_task(args.task)  # bad task files fail here, once, not in every child
-    if args.calibrate and task.is_generation:
-        raise TunelabError(
-            f"--calibrate: task {task.name!r} is a generation task; calibration corrects "
-            "label probabilities (classification tasks only)"
-        )
+    if args.calibrate:
+        from tunelab.evaluate.calibrate import refuse_generation
+
+        refuse_generation(task)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in names:
         if name not in BASELINES and name not in methods.METHODS:

@@ -72,6 +72,15 @@ class Calibration:
         return f"content-free label bias ({', '.join(map(repr, self.inputs))}): {probs}"
 
 
+def refuse_generation(task) -> None:
+    """Calibration corrects label probabilities: a generation task has none."""
+    if task.is_generation:
+        raise TunelabError(
+            f"--calibrate: task {task.name!r} is a generation task; calibration corrects "
+            "label probabilities (classification tasks only)"
+        )
+
+
 def is_on(flag: bool | None, task) -> bool:
     """--calibrate / --no-calibrate where given, else the task's `calibrate:`."""
     return flag if flag is not None else task.calibrate is not None
@@ -129,11 +138,7 @@ def resolve(tuned, prep, meta: dict, on: bool, source: str = "tunelab.json", **e
     if not on:
         return None
     task = prep.task
-    if task.is_generation:
-        raise TunelabError(
-            f"--calibrate: task {task.name!r} is a generation task; calibration corrects "
-            "label probabilities (classification tasks only)"
-        )
+    refuse_generation(task)
     stored = (meta or {}).get("calibration")
     if stored is not None:
         cal = Calibration.from_dict(stored, source)

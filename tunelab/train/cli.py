@@ -13,6 +13,7 @@ from tunelab import methods
 from tunelab.artifact import save_artifact
 from tunelab.errors import TunelabError
 from tunelab.evaluate.calibrate import measure as measure_calibration
+from tunelab.evaluate.calibrate import refuse_generation
 from tunelab.evaluate.metrics import headline
 from tunelab.evaluate.predict import evaluate_split
 from tunelab.io import check_writable_dir
@@ -191,11 +192,7 @@ def run(args: argparse.Namespace) -> None:
     DistributedDataParallel (or, with fsdp=true, FSDP); rank 0 writes the artifact."""
     task = load_task(args.task)
     if args.calibrate:
-        if task.is_generation:
-            raise TunelabError(
-                f"--calibrate: task {task.name!r} is a generation task; calibration corrects "
-                "label probabilities (classification tasks only)"
-            )
+        refuse_generation(task)
         task = dataclasses.replace(task, calibrate="content-free")
     method = methods.get(args.method)
     train_cfg, method_cfg = apply_overrides(args.set, TrainConfig(), methods.CONFIGS[args.method]())
