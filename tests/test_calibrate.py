@@ -152,13 +152,19 @@ def test_serve_applies_the_same_correction_as_predict(head_artifact, tiny_model_
     store = AdapterStore(load_backbone(str(tiny_model_dir)), torch.device("cpu"))
     store.load("plain", head_artifact)
     store.load("cal", head_artifact, calibrate=True)
-    with TestClient(create_app(store, ServeConfig())) as client:
+    cfg = ServeConfig(admin_keys=("k",), adapter_root=head_artifact.parent)
+    with TestClient(create_app(store, cfg)) as client:
+        # a task loaded while serving is calibrated when the request says so
+        load = {"name": "posted", "path": head_artifact.name, "calibrate": True}
+        r = client.post("/v1/tasks", json=load, headers={"authorization": "Bearer k"})
+        assert r.status_code == 201 and r.json()["calibrated"] is True
         info = {t["name"]: t["calibrated"] for t in client.get("/v1/tasks").json()}
-        assert info == {"plain": False, "cal": True}
+        assert info == {"plain": False, "cal": True, "posted": True}
         got = {}
-        for name in ("plain", "cal"):
+        for name in ("plain", "cal", "posted"):
             r = client.post("/v1/classify", json={"task": name, "inputs": TEXTS})
             got[name] = r.json()["results"]
+    assert got["posted"] == got["cal"]
     for flag, name in (("--calibrate", "cal"), ("--no-calibrate", "plain")):
         assert main(["predict", "--adapter", str(head_artifact), "--json", flag, *TEXTS]) == 0
         want = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
