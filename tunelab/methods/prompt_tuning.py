@@ -38,7 +38,7 @@ class PromptTuningConfig:
     weight_decay: float = 0.0
     # residual: P' = P + LayerNorm(W2 relu(W1 P)) while training, folded into P' when saved
     reparameterize: str = "none"  # none | residual
-    bottleneck: int = 256  # W1's width (the paper's 400 was for 768-wide T5 and BERT)
+    bottleneck: int = 256  # W1's width (the paper used 400 on wider models than 576)
 
     def __post_init__(self):
         if self.num_virtual_tokens < 1:
@@ -65,8 +65,8 @@ class ResidualReparam(nn.Module):
 
     The LayerNorm's gain starts at 0 (not the usual 1), so P' = P exactly at step 0 and the
     model starts where plain prompt tuning starts (the label words' embeddings by default):
-    a unit-variance LayerNorm output added to embeddings of spread ~0.1 would otherwise throw
-    the start away. Zeroing W2 instead would not do: LayerNorm of a zero vector has a gradient
+    a unit-variance LayerNorm output, far larger than typical token embeddings, would otherwise
+    throw the start away. Zeroing W2 instead would not do: LayerNorm of a zero vector has a gradient
     of 1/sqrt(eps), so the first step would jump to a unit-variance shift. The gain still gets
     a gradient at 0 and grows from the first step (as in zero-gamma residual blocks, Goyal et
     al. 2017); W1 and W2 follow once it is non-zero."""
