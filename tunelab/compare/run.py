@@ -76,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--search",
         default="",
         help="with --tune: up to two knobs to search besides the learning rate, comma-separated "
-        "(num_virtual_tokens, init, r, weight_decay), each where the method has it",
+        "(num_virtual_tokens, init, reparameterize, r, weight_decay), each where the method "
+        "has it",
     )
     p.add_argument(
         "--prune",

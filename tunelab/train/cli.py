@@ -219,9 +219,15 @@ def run(args: argparse.Namespace) -> None:
     tuned = method.build(backbone, method_cfg, prep.verbalizer, train_cfg.seed)
     n_train = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in tuned.parameters())
+    folded = ""
+    if getattr(tuned.prompt, "reparam", None) is not None:  # reparameterize=residual
+        folded = (
+            f"; the artifact keeps {tuned.prompt.embedding.numel():,} "
+            "(the prompt's MLP is folded into its vectors)"
+        )
     say(
         f"{args.method}: {n_train:,} trainable of {n_total:,} parameters "
-        f"({100 * n_train / n_total:.4f}%)"
+        f"({100 * n_train / n_total:.4f}%){folded}"
     )
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(tuned, args.method)
