@@ -73,7 +73,8 @@ def epoch_batches(lengths: list[int], cfg: TrainConfig, epoch: int) -> list[list
 
 def micro_batch(lengths: list[int], cfg: TrainConfig, m: int, _cache: dict | None = None):
     """Row indices of the m-th micro-batch of the whole run (epochs follow one another)."""
-    epoch, i = divmod(m, math.ceil(len(lengths) / cfg.batch_size))
+    per_epoch = math.ceil(len(lengths) / cfg.batch_size)
+    epoch, i = divmod(m, per_epoch)
     cache = _cache if _cache is not None else {}
     if epoch not in cache:
         cache.clear()
