@@ -204,6 +204,13 @@ CASES = [
     ("set-projection-hidden-zero",
      lambda c: c.train("--method", "prefix", "--set", "projection_hidden=0"),
      ["projection_hidden", "got 0"]),
+    ("set-reparameterize-unknown", lambda c: c.train("--set", "reparameterize=mlp"),
+     ["reparameterize must be one of none, residual", "'mlp'"]),
+    ("set-bottleneck-zero",
+     lambda c: c.train("--set", "reparameterize=residual", "--set", "bottleneck=0"),
+     ["bottleneck", "got 0"]),
+    ("set-bottleneck-text", lambda c: c.train("--set", "bottleneck=wide"),
+     ["--set bottleneck=wide", "expected int"]),
     # train's --out and --resume
     ("out-is-a-file", lambda c: c.train(out=c.task), ["--out", T, "not a directory"]),
     ("out-under-a-file", lambda c: c.train(out=c.task / "run"), ["--out", T, "is a file"]),

@@ -26,7 +26,7 @@ from tunelab.models import DEFAULT_MODEL
 from tunelab.train.checkpoint import write_json
 
 DEFAULT_METHODS = "zero-shot,in-context,prompt-tuning,prefix,lora,freeze,head,full,hybrid"
-OURS = ("results.json", "report.md", "report.html", STUDY_FILE, "trials")
+OURS = ("results.json", "report.md", "report.html", STUDY_FILE, "trials", runs.LABEL_WORDS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "`calibrate: content-free`): the report shows the calibrated accuracy beside the plain",
     )
     p.add_argument(
+        "--label-words",
+        default="task",
+        choices=("task", "auto"),
+        help="auto: first search label words on the training rows (`tunelab label-words`) and "
+        "give every method that verbalizer (default: the task's own)",
+    )
+    p.add_argument(
         "--tune",
         type=int,
         default=0,
@@ -82,7 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--search",
         default="",
         help="with --tune: up to two knobs to search besides the learning rate, comma-separated "
-        "(num_virtual_tokens, init, r, weight_decay), each where the method has it",
+        "(num_virtual_tokens, init, reparameterize, r, weight_decay), each where the method "
+        "has it",
     )
     p.add_argument(
         "--prune",
@@ -155,6 +163,11 @@ def run(args: argparse.Namespace) -> None:
     extra = [k.strip() for k in args.search.split(",") if k.strip()]
     if extra and not args.tune:
         raise TunelabError("--search needs --tune N")
+    if args.label_words == "auto" and task.is_generation:
+        raise TunelabError(
+            f"--label-words auto: {task.name} is a generation task; label words are for "
+            "classification tasks"
+        )
     # reject unknown keys and bad values up front; each method gets the keys it understands
     train_cfg, *_ = apply_overrides(
         args.set, TrainConfig(), *(c() for c in methods.CONFIGS.values())
@@ -162,12 +175,23 @@ def run(args: argparse.Namespace) -> None:
     trained = [m for m in names if m not in BASELINES]
     knobs = {m: space(m, extra) for m in trained}
     prepare_out(args.out, args.resume, args.overwrite)
-    common = runs.common_args(args.task, args.model, args.limit)
+    task_ref = args.task
+    verbalizer = None if task.is_generation else {"source": "task", "words": task.verbalizer}
+    if args.label_words == "auto":  # every method below reads the task with the proposal
+        verbalizer = runs.run_label_words(args.task, args.model, args.out, args.resume)
+        task_ref = verbalizer["task_file"]
+        words = ", ".join(f"{label}: {w[0]}" for label, w in verbalizer["words"].items())
+        print(
+            f"label words: {words} (training accuracy {verbalizer['training_accuracy']:.4f}, "
+            f"the task's own {verbalizer['task_training_accuracy']:.4f}); task file {task_ref}",
+            file=sys.stderr,
+        )
+    common = runs.common_args(task_ref, args.model, args.limit)
 
     tuning = {}
     if args.tune:  # selection first, on validation only; the reported split is read after
         for method in trained:
-            tuning[method] = tune_method(method, args, train_cfg, knobs[method], seeds[0])
+            tuning[method] = tune_method(method, args, task_ref, train_cfg, knobs[method], seeds[0])
 
     records = []
     jobs = _jobs(names, seeds, tuning)
@@ -178,7 +202,7 @@ def run(args: argparse.Namespace) -> None:
         record = _one_run(method, seed, params, run_dir, common, args, tag)
         records.append({**record, "config": config, "params": params})
 
-    results = _results(task, args, train_cfg, seeds, records, tuning)
+    results = _results(task, args, train_cfg, seeds, records, tuning, verbalizer)
     write_json(results, args.out / "results.json")
     from tunelab.compare.report import write_reports
 
@@ -187,15 +211,15 @@ def run(args: argparse.Namespace) -> None:
     print(f"results: {args.out / 'results.json'}\nreport: {md}\nreport: {html}")
 
 
-def tune_method(method: str, args, train_cfg, knobs, seed: int) -> dict:
-    """One method's search; what results.json keeps of it."""
+def tune_method(method: str, args, task_ref: str, train_cfg, knobs, seed: int) -> dict:
+    """One method's search on the task file `task_ref`; what results.json keeps of it."""
     search = Search(
         method=method,
         out=args.out,
         n_trials=args.tune,
         steps=train_cfg.steps,
         train_args=[
-            *runs.common_args(args.task, args.model, None),
+            *runs.common_args(task_ref, args.model, None),
             *[x for kv in runs.settings_for(method, args.set) for x in ("--set", kv)],
         ],
         knobs=knobs,
@@ -280,7 +304,7 @@ def _one_run(method, seed, params, run_dir: Path, common, args, tag: str) -> dic
     return record
 
 
-def _results(task, args, train_cfg, seeds, records, tuning) -> dict:
+def _results(task, args, train_cfg, seeds, records, tuning, verbalizer=None) -> dict:
     from tunelab.artifact import versions
 
     ok = [r for r in records if r["status"] == "ok"]
@@ -315,6 +339,7 @@ def _results(task, args, train_cfg, seeds, records, tuning) -> dict:
         "metric": runs.headline_metric(task),
         # records' metrics hold `accuracy_calibrated` too (content-free calibration)
         "calibrate": bool(args.calibrate or task.calibrate),
+        "verbalizer": verbalizer,
         "model": {
             "name": args.model or DEFAULT_MODEL,
             "fingerprint": fingerprint,

@@ -13,8 +13,10 @@ import threading
 from pathlib import Path
 
 from tunelab import methods
+from tunelab.errors import TunelabError
 
 BASELINES = ("zero-shot", "in-context")
+LABEL_WORDS = "label-words"  # the folder of --label-words auto's search
 HEADLINE_KEYS = (
     "accuracy", "macro_f1", "accuracy_calibrated", "macro_f1_calibrated", "execution_accuracy",
     "exact_set_match", "exact_match", "token_f1", "n",
@@ -110,6 +112,33 @@ def run_baseline(
         "artifact_bytes": 0,
         "task_switch_ms": None,  # nothing to switch
         "history": [],
+    }
+
+
+def run_label_words(task: str, model: str | None, out: Path, resume: bool) -> dict:
+    """`--label-words auto`: `tunelab label-words` on the task's training rows, in its own
+    process; it writes the task with the proposal (`label-words/task.yaml`), which every method
+    then reads. Returns what results.json records as `verbalizer`."""
+    folder = out / LABEL_WORDS
+    task_file, found_file = folder / "task.yaml", folder / "search.json"
+    if not (resume and task_file.is_file() and found_file.is_file()):
+        folder.mkdir(parents=True, exist_ok=True)
+        print("label words: searching the training rows", file=sys.stderr)
+        cli = ["label-words", "--task", str(task), "--out", str(task_file)]
+        cli += ["--json", str(found_file), *(["--model", model] if model else [])]
+        code, _, last = run_child(cli, folder / "run.log")
+        if code != 0:
+            raise TunelabError(f"--label-words auto: the search failed: {last}")
+    found = json.loads(found_file.read_text())
+    return {
+        "source": "auto",
+        "words": {label: [word] for label, word in found["words"].items()},
+        "searched_on": found["split"],
+        "rows": found["rows"],
+        "training_accuracy": found["accuracy"],
+        "task_words": found["task_words"],
+        "task_training_accuracy": found["task_accuracy"],
+        "task_file": str(task_file),
     }
 
 

@@ -1,4 +1,4 @@
-"""`tunelab eval` and `tunelab predict`."""
+"""`tunelab eval`, `tunelab predict` and `tunelab label-words`."""
 
 from __future__ import annotations
 
@@ -348,3 +348,111 @@ def run_predict(args: argparse.Namespace) -> None:
             shown = "  ".join(f"{lab}={p:.3f}" for lab, p in dist.items())
             print(f"{best}\t{shown}\t{text}")
     sys.stdout.flush()
+
+
+def add_label_words_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task YAML file or built-in task (classification)")
+    p.add_argument(
+        "--model", default=None, help="base model (default: the built-in SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--top",
+        type=int,
+        default=100,
+        metavar="K",
+        help="each class's candidates come from its K most likely words (default: 100)",
+    )
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=10,
+        metavar="N",
+        help="per class, the N of those that most favour it over the other classes enter the "
+        "search for the best assignment (default: 10)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the task with the proposed verbalizer as a task YAML (usable as --task)",
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the search as JSON")
+    p.add_argument(
+        "--limit", type=int, default=None, help="search on the first N training rows only"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def run_label_words(args: argparse.Namespace) -> None:
+    """Propose label words from the model's vocabulary by their likelihood on the training rows
+    (LM-BFF's automatic search); prints a verbalizer block to paste into the task YAML."""
+    from tunelab.evaluate.label_words import search
+    from tunelab.tasks.yamlfile import task_yaml
+
+    task = load_task(args.task)
+    if task.is_generation:
+        raise TunelabError(
+            f"{args.task}: {task.name} is a generation task (`target:`); label words are for "
+            "classification tasks"
+        )
+    for option, value in (("--top", args.top), ("--candidates", args.candidates),
+                          ("--limit", args.limit), ("--batch-size", args.batch_size)):  # fmt: skip
+        if value is not None and value < 1:
+            raise TunelabError(f"{option} must be >= 1, got {value}")
+    resolve_device(args.device)
+    for option, path in (("--out", args.out), ("--json", args.json)):
+        if path is not None:
+            prepare_output_file(path, option)
+    tuned, _, _, backbone = _load(None, args.model, args.device)
+    prep = PreparedTask.load(task, backbone.tokenizer, only={"train"})
+    prep.limit("train", args.limit)
+    found = search(tuned, prep, "train", args.top, args.candidates, args.batch_size)
+    print(label_words_table(task, found))
+    if args.out is not None:
+        header = (
+            f"{task.name} with label words proposed by `tunelab label-words` from {found.rows} "
+            f"{found.split} rows of {task.source}\n(training accuracy {found.accuracy:.4f}; "
+            f"the task's own verbalizer {found.task_accuracy:.4f})"
+        )
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        tmp.write_text(task_yaml(found.task(task), header), encoding="utf-8")
+        os.replace(tmp, args.out)
+        print(f"\ntask file: {args.out}")
+    if args.json is not None:
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        record = {"task": task.name, "task_words": task.verbalizer, **found.to_dict()}
+        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, args.json)
+    print("\n" + yaml_block(found.words))
+
+
+def yaml_block(words: dict[str, str]) -> str:
+    """The `verbalizer:` block to paste into a task YAML."""
+    import yaml
+
+    return yaml.safe_dump({"verbalizer": words}, sort_keys=False, allow_unicode=True).rstrip()
+
+
+def label_words_table(task, found, shown: int = 5) -> str:
+    """Each class's best candidates (* the proposal) and the training accuracy of the proposal
+    against the task's own verbalizer."""
+    lines = [
+        f"{task.name}: searched {found.vocabulary:,} vocabulary words on {found.rows} "
+        f"{found.split} rows, {found.assignments:,} assignments scored",
+        f"  {'label':<16}{'word':<18}{'log p':>9}{'vs others':>11}",
+    ]
+    for label, cands in found.candidates.items():
+        chosen = [c for c in cands[shown:] if c.word == found.words[label]]
+        for c in cands[:shown] + chosen:
+            mark = "*" if c.word == found.words[label] else " "
+            lines.append(f"{mark} {label:<16}{c.word:<18}{c.logp:>9.3f}{c.margin:>+11.3f}")
+    own = ", ".join(f"{label}: {' / '.join(ws)}" for label, ws in task.verbalizer.items())
+    lines += [
+        "log p: mean log-probability on the label's rows; vs others: minus its mean on the other "
+        "labels' rows",
+        f"{found.split} accuracy: proposal {found.accuracy:.4f}, task's verbalizer "
+        f"{found.task_accuracy:.4f} ({own})",
+    ]
+    return "\n".join(lines)

@@ -28,6 +28,7 @@ class Demonstrations:
     seed: int = 0
     template: str | None = None  # generation: how a demonstration's input reads (default: the
     # task's template; for SQL, e.g. without the schema, which would repeat per demonstration)
+    train: bool = False  # training rows carry them too, drawn afresh each epoch (LM-BFF)
 
 
 @dataclass
@@ -247,6 +248,11 @@ class TaskSpec:
             raise TunelabError(
                 f"{self.where('demonstrations.k')}: demonstrations.k must be >= 0, "
                 f"got {self.demonstrations.k}"
+            )
+        if self.demonstrations.train and self.demonstrations.k < 1:
+            raise TunelabError(
+                f"{self.where('demonstrations.train')}: demonstrations.train: true needs "
+                f"demonstrations.k >= 1 (demonstrations per class), got {self.demonstrations.k}"
             )
         if self.few_shot is not None and self.few_shot.k < 1:
             raise TunelabError(

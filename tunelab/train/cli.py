@@ -24,7 +24,7 @@ from tunelab.tasks.prepared import PreparedTask
 from tunelab.train import distributed
 from tunelab.train.checkpoint import read_meta as read_checkpoint_meta
 from tunelab.train.config import TrainConfig, apply_overrides
-from tunelab.train.loop import train
+from tunelab.train.loop import epochs_in_run, train
 
 
 def settings_help() -> str:
@@ -134,6 +134,27 @@ def peak_memory_mb(device) -> float:
     return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
+def demonstrations_line(prep: PreparedTask, epochs) -> str:
+    """Where demonstrations go, and with `demonstrations.train` what they cost: tokens per
+    training row with and without them."""
+    demo = prep.task.demonstrations
+    n = f"{demo.k} {'in all' if prep.task.is_generation else 'per class'}"
+    if not demo.train:
+        return (
+            f"demonstrations: {n} in validation and inference prompts, none in training "
+            "(demonstrations.train: false)"
+        )
+    if len(epochs.encodings) > 1:
+        how = f"drawn afresh for each of {len(epochs.encodings)} epochs"
+    else:
+        how = "the same every epoch" if demo.select == "similar" else "drawn for the one epoch"
+    plain = prep.training_examples(demonstrations=False).mean_tokens()
+    return (
+        f"demonstrations in training: {n}, {how}; {epochs.mean_tokens():.1f} tokens per "
+        f"training row ({plain:.1f} without)"
+    )
+
+
 def check_out(args: argparse.Namespace, run_id: dict) -> None:
     """Before any work: --out can be written, and what it holds is resumed, replaced
     (--overwrite) or refused; never silently overwritten."""
@@ -219,11 +240,14 @@ def run(args: argparse.Namespace) -> None:
     report = None if args.validate_only else prep.eval_split(args.eval_split)
     if report is not None:
         prep.limit(report, args.limit)
-    train_ex = prep.examples("train")
+    epochs = prep.training_examples(epochs_in_run(max(1, len(prep.split("train"))), train_cfg))
+    train_ex = epochs.of(0)
     val_ex = prep.examples(val_name) if val_name in prep.splits else []
     kind = "generation" if task.is_generation else "labels " + ", ".join(prep.verbalizer.labels)
     reported = f"{len(prep.split(report))} {report}" if report else "no reported split read"
     say(f"task {task.name}: {len(train_ex)} train, {len(val_ex)} validation, {reported}; {kind}")
+    if prep.demos is not None:
+        say(demonstrations_line(prep, epochs))
     evaluate = dict(
         batch_size=train_cfg.eval_batch_size,
         padding_side=train_cfg.padding_side,
@@ -240,9 +264,15 @@ def run(args: argparse.Namespace) -> None:
     tuned = method.build(backbone, method_cfg, prep.verbalizer, train_cfg.seed)
     n_train = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in tuned.parameters())
+    folded = ""
+    if getattr(tuned.prompt, "reparam", None) is not None:  # reparameterize=residual
+        folded = (
+            f"; the artifact keeps {tuned.prompt.embedding.numel():,} "
+            "(the prompt's MLP is folded into its vectors)"
+        )
     say(
         f"{args.method}: {n_train:,} trainable of {n_total:,} parameters "
-        f"({100 * n_train / n_total:.4f}%)"
+        f"({100 * n_train / n_total:.4f}%){folded}"
     )
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(tuned, args.method)
@@ -262,7 +292,7 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     result = train(
         tuned,
-        train_ex,
+        epochs,
         val_ex,
         prep.verbalizer,
         train_cfg,
