@@ -18,11 +18,17 @@ from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
 
 
-def _saved(backbone, task_path, out, insert="after_bos"):
+def _saved(backbone, task_path, out, insert="after_bos", reparameterize="none"):
     task = load_task(task_path)
     prep = PreparedTask.load(task, backbone.tokenizer)
-    cfg = pt.PromptTuningConfig(num_virtual_tokens=5, init="random", insert=insert)
+    cfg = pt.PromptTuningConfig(
+        num_virtual_tokens=5, init="random", insert=insert, reparameterize=reparameterize
+    )
     tuned = pt.build(backbone, cfg, prep.verbalizer, seed=3)
+    if reparameterize != "none":  # as if trained: the MLP's gain leaves 0, so P' != P
+        with torch.no_grad():
+            tuned.prompt.reparam.norm.weight.normal_(0, 0.5)
+        assert not torch.allclose(tuned.prompt.vectors(), tuned.prompt.embedding, atol=1e-2)
     save_artifact(out, "prompt-tuning", cfg, tuned, task, backbone)
     return tuned, prep
 
@@ -57,10 +63,15 @@ def _peft_label_logprobs(backbone, art, prep, examples):
     return torch.stack(out)
 
 
-def test_peft_loads_the_artifact_and_predicts_the_same(tiny_model_dir, tiny_task, tmp_path):
+@pytest.mark.parametrize("reparameterize", ["none", "residual"])
+def test_peft_loads_the_artifact_and_predicts_the_same(
+    tiny_model_dir, tiny_task, tmp_path, reparameterize
+):
+    """With reparameterize=residual the artifact holds the folded vectors: PEFT, which knows
+    nothing of the MLP, scores what the trained model scored."""
     backbone = load_backbone(str(tiny_model_dir))
     # the tiny tokenizer adds a BOS; PEFT prepends prompts before it, so train with insert=start
-    tuned, prep = _saved(backbone, tiny_task, tmp_path / "art", insert="start")
+    tuned, prep = _saved(backbone, tiny_task, tmp_path / "art", "start", reparameterize)
     examples = prep.examples("test")[:6]
     ours = predict_logprobs(tuned, examples, prep.verbalizer, backbone.tokenizer.pad_token_id)
     theirs = _peft_label_logprobs(

@@ -81,6 +81,13 @@ def _edit_meta(c: Case, change) -> Path:
     return art
 
 
+def _generation(c: Case, extra: str = "") -> Path:
+    """The tiny task as generation (the label as target text), with `extra` on line 10."""
+    text = c.yaml.replace("label_field: label\n", 'target: " {label}"\n')
+    c.task.write_text(text.replace("verbalizer:\n  positive: yes\n  negative: no\n", "") + extra)
+    return c.task
+
+
 def _rows(c: Case, text: str) -> Path:
     c.train_file.write_text(text)
     return c.task
@@ -169,6 +176,16 @@ CASES = [
      [f"{T}:13:", "filter.label:", "'positive'"]),
     ("filter-min-above-max", lambda c: c.train(task=c.add("filter: {s: {min: 2, max: 1}}\n")),
      [f"{T}:13:", "filter.s", "min 2 is above max 1"]),
+    ("calibrate-unknown", lambda c: c.train(task=c.add("calibrate: yes\n")),
+     [f"{T}:13:", "calibrate:", "'content-free'", "'yes'"]),
+    ("calibrate-not-text", lambda c: c.train(task=c.add("calibrate: true\n")),
+     [f"{T}:13:", "calibrate:", "True"]),
+    ("calibrate-on-generation", lambda c: c.train(task=_generation(c, "calibrate: content-free\n")),
+     [f"{T}:10:", "calibrate:", "generation"]),
+    ("content-free-empty", lambda c: c.train(task=c.add("content_free: []\n")),
+     [f"{T}:13:", "content_free:", "at least one"]),
+    ("content-free-number", lambda c: c.train(task=c.add("content_free: [N/A, 3]\n")),
+     [f"{T}:13:", "content_free[1]:", "3"]),
     # data rows: file and line
     ("row-label-unknown", lambda c: _rows(c, '{"text": "a", "label": "pos"}\n') and c.train(),
      ["train.jsonl:1:", "label 'pos'"]),
@@ -201,6 +218,13 @@ CASES = [
     ("set-projection-hidden-zero",
      lambda c: c.train("--method", "prefix", "--set", "projection_hidden=0"),
      ["projection_hidden", "got 0"]),
+    ("set-reparameterize-unknown", lambda c: c.train("--set", "reparameterize=mlp"),
+     ["reparameterize must be one of none, residual", "'mlp'"]),
+    ("set-bottleneck-zero",
+     lambda c: c.train("--set", "reparameterize=residual", "--set", "bottleneck=0"),
+     ["bottleneck", "got 0"]),
+    ("set-bottleneck-text", lambda c: c.train("--set", "bottleneck=wide"),
+     ["--set bottleneck=wide", "expected int"]),
     # train's --out and --resume
     ("out-is-a-file", lambda c: c.train(out=c.task), ["--out", T, "not a directory"]),
     ("out-under-a-file", lambda c: c.train(out=c.task / "run"), ["--out", T, "is a file"]),
@@ -245,6 +269,17 @@ CASES = [
      ["input 1", "missing field 'text'"]),
     ("predict-field-list", lambda c: ["predict", "--adapter", c.artifact, '{"text": [1]}'],
      ["input 1", "field 'text'", "[1]"]),
+    ("train-calibrate-generation", lambda c: c.train("--calibrate", task=_generation(c)),
+     ["--calibrate", "'tiny'", "generation task"]),
+    ("eval-calibrate-generation", lambda c: ["eval", "--task", _generation(c), "--model", c.model,
+                                             "--calibrate"],
+     ["--calibrate", "'tiny'", "generation task"]),
+    ("compare-calibrate-generation", lambda c: ["compare", "--task", _generation(c), "--out",
+                                                c.dir / "cmp", "--calibrate"],
+     ["--calibrate", "'tiny'", "generation task"]),
+    ("eval-meta-calibration", lambda c: ["eval", "--adapter", _edit_meta(
+        c, lambda m: {**m, "calibration": {"p_cf": {"positive": -1}}}), "--calibrate"],
+     ["tunelab.json", "calibration:", "-1"]),
     ("predict-adapter-missing", lambda c: ["predict", "--adapter", c.dir / "nope", "good"],
      ["nope", "no such adapter directory"]),
 ]  # fmt: skip

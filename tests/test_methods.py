@@ -22,6 +22,7 @@ from tunelab.train.loop import train
 # method, config overrides, which backbone tensors must change (regex; None: none may)
 MATRIX = [
     ("prompt-tuning", {}, None),
+    ("prompt-tuning", {"reparameterize": "residual", "bottleneck": 8}, None),
     ("prefix", {}, None),
     ("prefix", {"projection": True, "projection_hidden": 16}, None),
     ("lora", {}, r"lora_[AB]"),
@@ -76,6 +77,8 @@ def test_only_the_intended_parameters_change_and_the_artifact_reloads(
         assert meant <= changed, sorted(meant - changed)[:3]
     if method in ("prompt-tuning", "hybrid"):
         assert "prompt.embedding" in changed
+    if overrides.get("reparameterize") == "residual":  # the MLP trains; the artifact is folded
+        assert {"prompt.reparam.up.weight", "prompt.reparam.norm.weight"} <= changed
     if method == "prefix":
         assert "prefix.embedding" in changed
     if method == "head":
@@ -96,9 +99,22 @@ def test_only_the_intended_parameters_change_and_the_artifact_reloads(
     )
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "prefix", "head", "hybrid"])
+RESIDUAL = {"reparameterize": "residual", "bottleneck": 8}
+
+
+@pytest.mark.parametrize(
+    "method, overrides",
+    [
+        ("lora", {}),
+        ("prompt-tuning", {}),
+        ("prompt-tuning", RESIDUAL),  # the checkpoint keeps the prompt's MLP
+        ("prefix", {}),
+        ("head", {}),
+        ("hybrid", {}),
+    ],
+)
 def test_resume_after_a_crash_matches_a_whole_run(
-    tiny_model_dir, tiny_task, tmp_path, monkeypatch, method
+    tiny_model_dir, tiny_task, tmp_path, monkeypatch, method, overrides
 ):
     import tunelab.train.loop as loop
 
@@ -115,7 +131,7 @@ def test_resume_after_a_crash_matches_a_whole_run(
             resume=resume,
         )
 
-    backbone, prep, cfg, whole = _setup(tiny_model_dir, tiny_task, method, {})
+    backbone, prep, cfg, whole = _setup(tiny_model_dir, tiny_task, method, overrides)
     run(tmp_path / "whole", whole, prep, backbone, cfg)
     expected = {k: v.clone() for k, v in whole.trainable_state().items()}
 
@@ -125,11 +141,11 @@ def test_resume_after_a_crash_matches_a_whole_run(
         "lr_factor",
         lambda c, step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 5 else real(c, step),
     )
-    backbone, prep, cfg, crashed = _setup(tiny_model_dir, tiny_task, method, {})
+    backbone, prep, cfg, crashed = _setup(tiny_model_dir, tiny_task, method, overrides)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "crashed", crashed, prep, backbone, cfg)
     monkeypatch.setattr(loop, "lr_factor", real)
-    backbone, prep, cfg, resumed = _setup(tiny_model_dir, tiny_task, method, {})
+    backbone, prep, cfg, resumed = _setup(tiny_model_dir, tiny_task, method, overrides)
     run(tmp_path / "crashed", resumed, prep, backbone, cfg, resume=True)
     got = resumed.trainable_state()
     assert got.keys() == expected.keys()
@@ -204,6 +220,30 @@ def test_hybrid_on_a_frozen_lora_core(tiny_model_dir, tiny_task, tmp_path):
     )
 
 
+def test_hybrid_prompt_takes_reparameterize_and_saves_it_folded(
+    tiny_model_dir, tiny_task, tmp_path
+):
+    backbone, prep, cfg, hybrid = _setup(tiny_model_dir, tiny_task, "hybrid", RESIDUAL)
+    mlp = {n for n, p in hybrid.named_parameters() if p.requires_grad and ".reparam." in n}
+    assert "prompt.reparam.down.weight" in mlp
+    # the MLP trains at the prompt's rate, not the LoRA core's
+    rates = {id(p): g["lr"] for g in hybrid.param_groups(cfg.lr, 0.0) for p in g["params"]}
+    assert rates[id(hybrid.prompt.reparam.up.weight)] == cfg.prompt_lr != cfg.lr
+    pad = backbone.tokenizer.pad_token_id
+    train(hybrid, prep.examples("train"), [], prep.verbalizer, _cfg(), cfg.lr, tmp_path, pad)
+    prompt = hybrid.prompt
+    assert not torch.allclose(prompt.vectors(), prompt.embedding, atol=1e-4)  # the MLP moved P'
+    save_artifact(tmp_path / "h", "hybrid", cfg, hybrid, prep.task, backbone)
+    reloaded, *_ = load_artifact(tmp_path / "h", load_backbone(str(tiny_model_dir)))
+    assert reloaded.prompt.reparam is None
+    torch.testing.assert_close(
+        predict_logprobs(reloaded, prep.examples("test"), prep.verbalizer, pad),
+        predict_logprobs(hybrid, prep.examples("test"), prep.verbalizer, pad),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
 def test_bad_method_settings_are_named():
     with pytest.raises(TunelabError, match="r must be >= 1, got 0"):
         methods.CONFIGS["lora"](r=0)
@@ -211,6 +251,11 @@ def test_bad_method_settings_are_named():
         methods.CONFIGS["freeze"](modules="(")
     with pytest.raises(TunelabError, match="core=/nope: not a LoRA artifact"):
         methods.CONFIGS["hybrid"](core="/nope")
+    for method in ("prompt-tuning", "hybrid"):
+        with pytest.raises(TunelabError, match="reparameterize must be one of none, residual"):
+            methods.CONFIGS[method](reparameterize="mlp")
+        with pytest.raises(TunelabError, match="bottleneck must be >= 1, got 0"):
+            methods.CONFIGS[method](reparameterize="residual", bottleneck=0)
 
 
 def test_freeze_names_what_it_cannot_match(tiny_model_dir, tiny_task):

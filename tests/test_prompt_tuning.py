@@ -189,3 +189,117 @@ def test_inits_start_from_the_named_embeddings(tiny_backbone, tiny_task):
     with pytest.raises(TunelabError, match="insert must be one of"):
         pt.PromptTuningConfig(insert="middle")
     assert isinstance(TunedLM(tiny_backbone.model).embed, object)
+
+
+RESIDUAL = pt.PromptTuningConfig(num_virtual_tokens=4, reparameterize="residual", bottleneck=8)
+
+
+def _residual(backbone, prep, seed=1):
+    return pt.build(backbone, RESIDUAL, prep.verbalizer, seed=seed)
+
+
+def test_residual_prompt_starts_as_the_plain_one_then_moves_differently(
+    tiny_model_dir, tiny_task, tmp_path
+):
+    from tunelab.models import load_backbone
+
+    runs = {}
+    for kind in ("none", "residual"):
+        backbone = load_backbone(str(tiny_model_dir))
+        prep = _prepared(tiny_task, backbone)
+        cfg = pt.PromptTuningConfig(
+            num_virtual_tokens=4, init="labels", reparameterize=kind, bottleneck=8
+        )
+        tuned = pt.build(backbone, cfg, prep.verbalizer, seed=1)
+        start = tuned.prompt.vectors().detach().clone()
+        pad = backbone.tokenizer.pad_token_id
+        scores0 = predict_logprobs(tuned, prep.examples("test"), prep.verbalizer, pad)
+        train(tuned, prep.examples("train"), [], prep.verbalizer, _cfg(), 0.1, tmp_path / kind, pad)
+        names = [n for n, p in tuned.named_parameters() if p.requires_grad]
+        runs[kind] = (start, scores0, tuned.prompt.vectors().detach(), names, tuned)
+    # step 0: the model sees exactly the plain prompt's start (the MLP adds 0), so scores agree
+    assert torch.equal(runs["residual"][0], runs["none"][0])
+    assert torch.equal(runs["residual"][1], runs["none"][1])
+    # the MLP trains with the prompt, and the vectors the model sees move another way
+    assert runs["none"][3] == ["prompt.embedding"]
+    assert set(runs["residual"][3]) == {
+        "prompt.embedding",
+        *(f"prompt.reparam.{m}.{w}" for m in ("down", "up", "norm") for w in ("weight", "bias")),
+    }
+    mlp = runs["residual"][4].prompt.reparam
+    assert mlp.norm.weight.abs().max() > 0  # the gain left 0, so W1 and W2 are in play
+    moved_plain = runs["none"][2] - runs["none"][0]
+    moved_residual = runs["residual"][2] - runs["residual"][0]
+    assert moved_residual.abs().max() > 1e-3
+    assert not torch.allclose(moved_residual, moved_plain, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_folded_residual_artifact_scores_exactly_what_the_trained_model_scored(
+    tiny_model_dir, tiny_task, tmp_path, bf16
+):
+    from safetensors.torch import load_file
+
+    from tunelab.artifact import load_artifact, save_artifact
+    from tunelab.models import load_backbone
+
+    backbone = load_backbone(str(tiny_model_dir))
+    prep = _prepared(tiny_task, backbone)
+    tuned = _residual(backbone, prep)
+    pad = backbone.tokenizer.pad_token_id
+    args = (prep.examples("train"), prep.examples("validation"), prep.verbalizer)
+    train(tuned, *args, _cfg(bf16=bf16), 0.1, tmp_path, pad)  # the best checkpoint, restored
+    test = prep.examples("test")
+    trained = predict_logprobs(tuned, test, prep.verbalizer, pad, bf16=bf16)
+    seen = tuned.prompt.vectors().detach().float()
+    assert not torch.allclose(seen, tuned.prompt.embedding.detach(), atol=1e-4)  # P' != P
+
+    save_artifact(tmp_path / "art", "prompt-tuning", RESIDUAL, tuned, prep.task, backbone)
+    # the artifact is plain prompt tuning's: the same files, n x D vectors, nothing of the MLP
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tunelab.json",
+    ]
+    stored = load_file(str(tmp_path / "art" / "adapter_model.safetensors"))
+    assert list(stored) == ["prompt_embeddings"] and stored["prompt_embeddings"].shape == (4, 32)
+    assert torch.equal(stored["prompt_embeddings"], seen)
+
+    fresh = load_backbone(str(tiny_model_dir))
+    if bf16:  # as training left the frozen weights (train() casts them to bfloat16)
+        for p in fresh.model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    reloaded, _, meta, _ = load_artifact(tmp_path / "art", fresh)
+    assert meta["method_config"]["reparameterize"] == "residual"
+    assert reloaded.prompt.reparam is None
+    assert [n for n, _ in reloaded.named_parameters() if n.startswith("prompt.")] == [
+        "prompt.embedding"
+    ]
+    folded = predict_logprobs(reloaded, test, prep.verbalizer, pad, bf16=bf16)
+    torch.testing.assert_close(folded, trained, atol=1e-6, rtol=0)
+    assert torch.equal(folded.argmax(-1), trained.argmax(-1))
+
+
+def test_residual_prompt_trains_through_the_cli_and_resumes(
+    tiny_model_dir, tiny_task, tmp_path, capsys
+):
+    import json
+
+    from tunelab.__main__ import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--task", str(tiny_task), "--model", str(tiny_model_dir), "--out", str(out)]
+    argv += ["--set", "steps=4", "--set", "batch_size=4", "--set", "eval_every=2"]
+    argv += ["--set", "reparameterize=residual", "--set", "bottleneck=8"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    # 20 x 32 prompt; W1 32x8 + 8, W2 8x32 + 32, LayerNorm 2 x 32
+    assert "prompt-tuning: 1,256 trainable of" in printed
+    assert "the artifact keeps 640 (the prompt's MLP is folded into its vectors)" in printed
+    meta = json.loads((out / "tunelab.json").read_text())
+    assert meta["method_config"]["reparameterize"] == "residual"
+    assert meta["metrics"]["trainable_parameters"] == 1256
+    # the checkpoint holds the MLP, so the run continues where it was
+    assert main([*argv, "--resume", "--set", "steps=6"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert json.loads((out / "tunelab.json").read_text())["metrics"]["steps"] == 6

@@ -21,6 +21,7 @@ BUDGET = {
     "train": ["--set", "steps=2", "--set", "eval_every=2", "--set", "batch_size=4", "--limit", "8"],
     "eval": ["--limit", "8"],
     "predict": [],
+    "label-words": ["--limit", "48"],
     "advise": [],
     "tune": ["--trials", "2", "--set", "steps=2", "--set", "eval_every=2", "--set", "batch_size=4"],
     "compare": [

@@ -175,6 +175,14 @@ def test_search_space_holds_the_literature_rates_and_the_defaults():
         assert lr.low <= config().lr <= lr.high, method
     assert space("prompt-tuning", [])[0].high >= 0.3  # Lester et al.'s rate
     assert [k.name for k in space("lora", ["r", "init"])] == ["lr", "r"]  # init: not LoRA's
+    residual = space("prompt-tuning", ["reparameterize"])[1]
+    assert residual.choices == ("none", "residual")
+    assert [k.name for k in space("hybrid", ["reparameterize"])] == [
+        "lr",
+        "prompt_lr",
+        residual.name,
+    ]
+    assert [k.name for k in space("lora", ["reparameterize"])] == ["lr"]
 
 
 def test_a_default_outside_the_space_widens_it(tmp_path):

@@ -12,7 +12,14 @@ from tunelab.compare.run import run as run_compare
 from tunelab.compare.tune import add_arguments as add_tune_arguments
 from tunelab.compare.tune import run as run_tune
 from tunelab.errors import TunelabError
-from tunelab.evaluate.cli import add_eval_arguments, add_predict_arguments, run_eval, run_predict
+from tunelab.evaluate.cli import (
+    add_eval_arguments,
+    add_label_words_arguments,
+    add_predict_arguments,
+    run_eval,
+    run_label_words,
+    run_predict,
+)
 from tunelab.serve.cli import add_arguments as add_serve_arguments
 from tunelab.serve.cli import run as run_serve
 from tunelab.train.cli import add_arguments as add_train_arguments
@@ -22,6 +29,7 @@ COMMANDS = {
     "train": (add_train_arguments, run_train),
     "eval": (add_eval_arguments, run_eval),
     "predict": (add_predict_arguments, run_predict),
+    "label-words": (add_label_words_arguments, run_label_words),
     "compare": (add_compare_arguments, run_compare),
     "tune": (add_tune_arguments, run_tune),
     "advise": (add_advise_arguments, run_advise),

@@ -58,15 +58,15 @@ def save_artifact(
     metrics: dict | None = None,
     history: list | None = None,
     demo_pool: list[Record] | None = None,
+    calibration: dict | None = None,
 ) -> None:
     """Write the artifact into a folder beside `out` and rename it into place as a whole: the
-    old artifact stays complete until the new one is (checkpoints and other files are kept)."""
+    old artifact stays complete until the new one is (checkpoints and other files are kept).
+    `calibration`: the label bias measured on the final weights (evaluate/calibrate.py)."""
     with staged_dir(out, replaced=is_artifact_file) as tmp:
         methods.get(method).save_files(tuned, method_cfg, tmp, backbone.path)
-        write_json(
-            _meta(method, method_cfg, task, backbone, train_cfg, metrics, history, demo_pool),
-            tmp / META,
-        )
+        meta = _meta(method, method_cfg, task, backbone, train_cfg, metrics, history, demo_pool)
+        write_json({**meta, "calibration": calibration}, tmp / META)
 
 
 def is_artifact_file(name: str) -> bool:

@@ -15,7 +15,13 @@ from tunelab.compare.plots import Series, frontier, plot, si
 from tunelab.compare.search import show_params
 from tunelab.compare.summary import UNTRAINED, VALIDATION, summarise, tuning_rows, winners
 
-SECONDARY = {"macro_f1": "Macro-F1", "exact_set_match": "Exact-set match", "token_f1": "Token F1"}
+SECONDARY = {
+    "accuracy_calibrated": "Calibrated accuracy",  # content-free (evaluate/calibrate.py)
+    "macro_f1": "Macro-F1",
+    "macro_f1_calibrated": "Calibrated macro-F1",
+    "exact_set_match": "Exact-set match",
+    "token_f1": "Token F1",
+}
 SHARED = "one frozen backbone serves many tasks, per-row prompts in one batch"
 # method: (what training changes, how it is deployed)
 PHRASES = {
@@ -251,11 +257,26 @@ def _details(results: dict) -> list[tuple[str, str]]:
         ("Model", f"{model.get('name', '?')} ({_fmt(model.get('parameters'))} parameters, "
                   f"fingerprint {model.get('fingerprint', '?')})"),
         ("Budget", join(results.get("budget") or {})),
+        *([("Label words", _verbalizer_text(results["verbalizer"]))]
+          if results.get("verbalizer") else []),
         ("Machine", f"{mach.get('cpu', '?')}, {mach.get('cores', '?')} cores, "
                     f"{mach.get('memory_gb', '?')} GB memory, GPU: {mach.get('gpu') or 'none'}"),
         ("Versions", join(results.get("versions") or {})),
         ("Command", f"`{results.get('command', '?')}`"),
     ]  # fmt: skip
+
+
+def _verbalizer_text(v: dict) -> str:
+    """Which verbalizer every method used: the task's, or the one `--label-words auto` found."""
+    words = "; ".join(f"{label}: {', '.join(ws)}" for label, ws in (v.get("words") or {}).items())
+    if v.get("source") != "auto":
+        return f"the task's own ({words})" if words else "the task's own"
+    own = "; ".join(f"{label}: {', '.join(ws)}" for label, ws in v["task_words"].items())
+    return (
+        f"{words}, searched on the {v['rows']} {v['searched_on']} rows by `tunelab label-words` "
+        f"(training accuracy {v['training_accuracy']:.4f}; the task's own {own}: "
+        f"{v['task_training_accuracy']:.4f})"
+    )
 
 
 def _params_text(params: dict | None) -> str:

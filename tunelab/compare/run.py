@@ -26,7 +26,7 @@ from tunelab.models import DEFAULT_MODEL
 from tunelab.train.checkpoint import write_json
 
 DEFAULT_METHODS = "zero-shot,in-context,prompt-tuning,prefix,lora,freeze,head,full,hybrid"
-OURS = ("results.json", "report.md", "report.html", STUDY_FILE, "trials")
+OURS = ("results.json", "report.md", "report.html", STUDY_FILE, "trials", runs.LABEL_WORDS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +64,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demos", type=int, default=1, help="demonstrations per class for in-context")
     p.add_argument("--limit", type=int, default=None, help="score on the first N rows only")
     p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also score every method with contextual calibration (as the task key "
+        "`calibrate: content-free`): the report shows the calibrated accuracy beside the plain",
+    )
+    p.add_argument(
+        "--label-words",
+        default="task",
+        choices=("task", "auto"),
+        help="auto: first search label words on the training rows (`tunelab label-words`) and "
+        "give every method that verbalizer (default: the task's own)",
+    )
+    p.add_argument(
         "--tune",
         type=int,
         default=0,
@@ -76,7 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--search",
         default="",
         help="with --tune: up to two knobs to search besides the learning rate, comma-separated "
-        "(num_virtual_tokens, init, r, weight_decay), each where the method has it",
+        "(num_virtual_tokens, init, reparameterize, r, weight_decay), each where the method "
+        "has it",
     )
     p.add_argument(
         "--prune",
@@ -140,6 +154,10 @@ def run(args: argparse.Namespace) -> None:
         filtered: dict = {}
         load_splits(task, {task.validation.split}, filtered)
         print("\n".join(filter_summary(filtered)))
+    if args.calibrate:
+        from tunelab.evaluate.calibrate import refuse_generation
+
+        refuse_generation(task)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in names:
         if name not in BASELINES and name not in methods.METHODS:
@@ -151,6 +169,11 @@ def run(args: argparse.Namespace) -> None:
     extra = [k.strip() for k in args.search.split(",") if k.strip()]
     if extra and not args.tune:
         raise TunelabError("--search needs --tune N")
+    if args.label_words == "auto" and task.is_generation:
+        raise TunelabError(
+            f"--label-words auto: {task.name} is a generation task; label words are for "
+            "classification tasks"
+        )
     # reject unknown keys and bad values up front; each method gets the keys it understands
     train_cfg, *_ = apply_overrides(
         args.set, TrainConfig(), *(c() for c in methods.CONFIGS.values())
@@ -158,12 +181,23 @@ def run(args: argparse.Namespace) -> None:
     trained = [m for m in names if m not in BASELINES]
     knobs = {m: space(m, extra) for m in trained}
     prepare_out(args.out, args.resume, args.overwrite)
-    common = runs.common_args(args.task, args.model, args.limit)
+    task_ref = args.task
+    verbalizer = None if task.is_generation else {"source": "task", "words": task.verbalizer}
+    if args.label_words == "auto":  # every method below reads the task with the proposal
+        verbalizer = runs.run_label_words(args.task, args.model, args.out, args.resume)
+        task_ref = verbalizer["task_file"]
+        words = ", ".join(f"{label}: {w[0]}" for label, w in verbalizer["words"].items())
+        print(
+            f"label words: {words} (training accuracy {verbalizer['training_accuracy']:.4f}, "
+            f"the task's own {verbalizer['task_training_accuracy']:.4f}); task file {task_ref}",
+            file=sys.stderr,
+        )
+    common = runs.common_args(task_ref, args.model, args.limit)
 
     tuning = {}
     if args.tune:  # selection first, on validation only; the reported split is read after
         for method in trained:
-            tuning[method] = tune_method(method, args, train_cfg, knobs[method], seeds[0])
+            tuning[method] = tune_method(method, args, task_ref, train_cfg, knobs[method], seeds[0])
 
     records = []
     jobs = _jobs(names, seeds, tuning)
@@ -174,7 +208,7 @@ def run(args: argparse.Namespace) -> None:
         record = _one_run(method, seed, params, run_dir, common, args, tag)
         records.append({**record, "config": config, "params": params})
 
-    results = _results(task, args, train_cfg, seeds, records, tuning)
+    results = _results(task, args, train_cfg, seeds, records, tuning, verbalizer)
     write_json(results, args.out / "results.json")
     from tunelab.compare.report import write_reports
 
@@ -183,15 +217,15 @@ def run(args: argparse.Namespace) -> None:
     print(f"results: {args.out / 'results.json'}\nreport: {md}\nreport: {html}")
 
 
-def tune_method(method: str, args, train_cfg, knobs, seed: int) -> dict:
-    """One method's search; what results.json keeps of it."""
+def tune_method(method: str, args, task_ref: str, train_cfg, knobs, seed: int) -> dict:
+    """One method's search on the task file `task_ref`; what results.json keeps of it."""
     search = Search(
         method=method,
         out=args.out,
         n_trials=args.tune,
         steps=train_cfg.steps,
         train_args=[
-            *runs.common_args(args.task, args.model, None),
+            *runs.common_args(task_ref, args.model, None),
             *[x for kv in runs.settings_for(method, args.set) for x in ("--set", kv)],
         ],
         knobs=knobs,
@@ -243,11 +277,20 @@ def _one_run(method, seed, params, run_dir: Path, common, args, tag: str) -> dic
     start = time.perf_counter()
     try:
         if method in BASELINES:
-            record = runs.run_baseline(method, common, args.eval_split, args.demos, run_dir)
+            record = runs.run_baseline(
+                method, common, args.eval_split, args.demos, run_dir, args.calibrate
+            )
         else:
             settings = [*args.set, *(f"{k}={v}" for k, v in params.items())]
             record = runs.run_trained(
-                method, seed, common, settings, args.eval_split, run_dir, args.resume
+                method,
+                seed,
+                common,
+                settings,
+                args.eval_split,
+                run_dir,
+                args.resume,
+                args.calibrate,
             )
     except (OSError, KeyError, ValueError) as e:  # a run that left unreadable results
         record = {"status": "failed", "error": f"{run_dir}: unreadable results: {e!r}"}
@@ -267,7 +310,7 @@ def _one_run(method, seed, params, run_dir: Path, common, args, tag: str) -> dic
     return record
 
 
-def _results(task, args, train_cfg, seeds, records, tuning) -> dict:
+def _results(task, args, train_cfg, seeds, records, tuning, verbalizer=None) -> dict:
     from tunelab.artifact import versions
 
     ok = [r for r in records if r["status"] == "ok"]
@@ -300,6 +343,9 @@ def _results(task, args, train_cfg, seeds, records, tuning) -> dict:
         "task_kind": "generation" if task.is_generation else "classification",
         "split": next((r["split"] for r in ok), args.eval_split),
         "metric": runs.headline_metric(task),
+        # records' metrics hold `accuracy_calibrated` too (content-free calibration)
+        "calibrate": bool(args.calibrate or task.calibrate),
+        "verbalizer": verbalizer,
         "model": {
             "name": args.model or DEFAULT_MODEL,
             "fingerprint": fingerprint,
@@ -335,18 +381,24 @@ def summary_table(results: dict) -> str:
     from tunelab.compare.summary import summarise
 
     name = results["metric"].replace("_", " ")
+    rows = summarise(results)
+    key = results["metric"] + "_calibrated"
+    shown = any((r["metrics"].get(key) or (None,))[0] is not None for r in rows)
     lines = [
-        f"{'method':<15}{name:>12}{'95% interval':>17}{'trainable':>14}{'peak MB':>10}"
-        f"{'train s':>9}  vs best"
-    ]
-    for r in summarise(results):
+        f"{'method':<15}{name:>12}" + (f"{'calibrated':>12}" if shown else "")
+        + f"{'95% interval':>17}{'trainable':>14}{'peak MB':>10}{'train s':>9}  vs best"
+    ]  # fmt: skip
+    for r in rows:
         if not r["seeds"]:
             lines.append(f"{r['method']:<15}  failed: {r['failed'][0]}")
             continue
         ci = r.get("interval")
         ci_text = f"{ci.low:.3f}-{ci.high:.3f}" if ci else ""
+        cal = (r["metrics"].get(key) or (None,))[0]
+        cal_text = f"{'—' if cal is None else f'{cal:.4f}':>12}" if shown else ""
         lines.append(
-            f"{r['method']:<15}{r['metric']:>12.4f}{ci_text:>17}{r['trainable_parameters']:>14,.0f}"
+            f"{r['method']:<15}{r['metric']:>12.4f}{cal_text}{ci_text:>17}"
+            f"{r['trainable_parameters']:>14,.0f}"
             f"{r['peak_memory_mb']:>10,.0f}{r['train_seconds'] or 0:>9.0f}"
             + f"  {r['verdict'] or ''}"
             + (f" ({_gain(r['over_untrained'])})" if r.get("over_untrained") else "")

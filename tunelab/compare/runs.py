@@ -13,11 +13,13 @@ import threading
 from pathlib import Path
 
 from tunelab import methods
+from tunelab.errors import TunelabError
 
 BASELINES = ("zero-shot", "in-context")
+LABEL_WORDS = "label-words"  # the folder of --label-words auto's search
 HEADLINE_KEYS = (
-    "accuracy", "macro_f1", "execution_accuracy", "exact_set_match", "exact_match", "token_f1",
-    "n",
+    "accuracy", "macro_f1", "accuracy_calibrated", "macro_f1_calibrated", "execution_accuracy",
+    "exact_set_match", "exact_match", "token_f1", "n",
 )  # fmt: skip
 
 
@@ -77,11 +79,20 @@ def artifact_bytes(out: Path) -> int:
     )
 
 
-def run_baseline(method: str, common: list[str], split: str | None, demos: int, run_dir: Path):
-    """zero-shot or in-context (`demos` per class): the untrained model, scored."""
+def run_baseline(
+    method: str,
+    common: list[str],
+    split: str | None,
+    demos: int,
+    run_dir: Path,
+    calibrate: bool = False,
+):
+    """zero-shot or in-context (`demos` per class): the untrained model, scored (calibrated
+    too, beside the plain scores, with `calibrate` or where the task says so)."""
     metrics_file = run_dir / "metrics.json"
     cli = ["eval", *common, "--metrics", str(metrics_file)]
     cli += ["--demos", str(demos if method == "in-context" else 0)]
+    cli += ["--calibrate"] if calibrate else []
     cli += ["--split", split] if split else []
     code, rss, last = run_child(cli, run_dir / "run.log")
     if code != 0:
@@ -92,6 +103,7 @@ def run_baseline(method: str, common: list[str], split: str | None, demos: int, 
         "split": m["split"],
         "metrics": headline_metrics(m),
         "per_row": m.get("per_row"),
+        "per_row_calibrated": m.get("per_row_calibrated"),
         "trainable_parameters": 0,
         "peak_memory_mb": round(rss, 1),
         "train_seconds": 0.0,
@@ -103,6 +115,33 @@ def run_baseline(method: str, common: list[str], split: str | None, demos: int, 
     }
 
 
+def run_label_words(task: str, model: str | None, out: Path, resume: bool) -> dict:
+    """`--label-words auto`: `tunelab label-words` on the task's training rows, in its own
+    process; it writes the task with the proposal (`label-words/task.yaml`), which every method
+    then reads. Returns what results.json records as `verbalizer`."""
+    folder = out / LABEL_WORDS
+    task_file, found_file = folder / "task.yaml", folder / "search.json"
+    if not (resume and task_file.is_file() and found_file.is_file()):
+        folder.mkdir(parents=True, exist_ok=True)
+        print("label words: searching the training rows", file=sys.stderr)
+        cli = ["label-words", "--task", str(task), "--out", str(task_file)]
+        cli += ["--json", str(found_file), *(["--model", model] if model else [])]
+        code, _, last = run_child(cli, folder / "run.log")
+        if code != 0:
+            raise TunelabError(f"--label-words auto: the search failed: {last}")
+    found = json.loads(found_file.read_text())
+    return {
+        "source": "auto",
+        "words": {label: [word] for label, word in found["words"].items()},
+        "searched_on": found["split"],
+        "rows": found["rows"],
+        "training_accuracy": found["accuracy"],
+        "task_words": found["task_words"],
+        "task_training_accuracy": found["task_accuracy"],
+        "task_file": str(task_file),
+    }
+
+
 def run_trained(
     method: str,
     seed: int,
@@ -111,10 +150,13 @@ def run_trained(
     split: str | None,
     run_dir: Path,
     resume: bool,
+    calibrate: bool = False,
 ) -> dict:
-    """Train `method` with `settings` (--set pairs, later ones win) and score it on `split`."""
+    """Train `method` with `settings` (--set pairs, later ones win) and score it on `split`
+    (calibrated too, with `calibrate` or where the task says so)."""
     sets = [*settings_for(method, settings), f"seed={seed}"]
     cli = ["train", *common, "--method", method, "--out", str(run_dir)]
+    cli += ["--calibrate"] if calibrate else []
     cli += [x for kv in sets for x in ("--set", kv)]
     cli += ["--eval-split", split] if split else []
     finished = (run_dir / "tunelab.json").is_file()  # the artifact is written last
@@ -134,6 +176,7 @@ def run_trained(
         "split": split,
         "metrics": headline_metrics(s[split]),
         "per_row": s[split].get("per_row"),
+        "per_row_calibrated": s[split].get("per_row_calibrated"),
         "best_validation": s.get("best_validation"),
         "best_step": s.get("best_step"),
         "validation_start": s.get("validation_start"),  # step 0: the method's initialisation

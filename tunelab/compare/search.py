@@ -65,6 +65,10 @@ EXTRA_KNOBS: dict[str, tuple[Knob, tuple[str, ...]]] = {
         ("prompt-tuning", "prefix", "hybrid"),
     ),
     "init": (Knob("init", choices=("labels", "vocab", "random")), ("prompt-tuning", "hybrid")),
+    "reparameterize": (
+        Knob("reparameterize", choices=("none", "residual")),
+        ("prompt-tuning", "hybrid"),
+    ),
     "r": (Knob("r", choices=(4, 8, 16, 32)), ("lora", "hybrid")),
     "weight_decay": (Knob("weight_decay", choices=(0.0, 0.01, 0.1)), tuple(LEARNING_RATES)),
 }

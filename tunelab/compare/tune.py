@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--search",
         default="",
         help="up to two knobs to search besides the learning rate, comma-separated "
-        "(num_virtual_tokens, init, r, weight_decay)",
+        "(num_virtual_tokens, init, reparameterize, r, weight_decay)",
     )
     p.add_argument("--prune", default="median", choices=PRUNERS)
     p.add_argument("--seed", type=int, default=0, help="the sampler's and every trial's seed")

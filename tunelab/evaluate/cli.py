@@ -1,4 +1,4 @@
-"""`tunelab eval` and `tunelab predict`."""
+"""`tunelab eval`, `tunelab predict` and `tunelab label-words`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tunelab.artifact import load_artifact
 from tunelab.errors import TunelabError
+from tunelab.evaluate import calibrate
 from tunelab.evaluate.metrics import format_confusion
 from tunelab.evaluate.predict import evaluate_split, predict_logprobs
 from tunelab.io import check_writable_dir, prepare_output_file
@@ -33,6 +34,8 @@ _PROMPT_KEYS = (
     "demonstrations",
     "target",
     "generation",
+    "calibrate",
+    "content_free",
 )
 
 
@@ -123,9 +126,21 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="evaluate the first N rows of the split only (a quick look)",
     )
+    add_calibrate_argument(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def add_calibrate_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="contextual calibration: divide out the label bias measured on content-free "
+        "inputs (default: on where the task says `calibrate: content-free`; an artifact's "
+        "stored bias is used, else it is measured now, one forward pass per input)",
+    )
 
 
 def _check_eval_args(args: argparse.Namespace) -> None:
@@ -169,7 +184,18 @@ def run_eval(args: argparse.Namespace) -> None:
     prep = PreparedTask.load(task, backbone.tokenizer, _max_length(meta), demo_pool=_pool(meta))
     split = prep.eval_split(args.split)
     prep.limit(split, args.limit)
-    metrics, outputs = evaluate_split(tuned, prep, split, args.batch_size, bf16=args.bf16)
+    cal = calibrate.resolve(
+        tuned,
+        prep,
+        meta,
+        calibrate.is_on(args.calibrate, task),
+        str(args.adapter / "tunelab.json") if args.adapter else "--calibrate",
+        batch_size=args.batch_size,
+        bf16=args.bf16,
+    )
+    metrics, outputs = evaluate_split(
+        tuned, prep, split, args.batch_size, bf16=args.bf16, calibration=cal
+    )
     mode = meta.get("method") or ("in-context" if task.demonstrations.k else "zero-shot")
     if task.sql is not None:
         print(
@@ -189,7 +215,14 @@ def run_eval(args: argparse.Namespace) -> None:
             f"{task.name} [{split}] {mode}: accuracy {metrics['accuracy']:.4f}, "
             f"macro-F1 {metrics['macro_f1']:.4f}, n={metrics['n']}"
         )
-        print(format_confusion(metrics))
+        if cal is not None:  # the predictions (and the matrix below) are the calibrated ones
+            print(
+                f"calibrated: accuracy {metrics['accuracy_calibrated']:.4f}, macro-F1 "
+                f"{metrics['macro_f1_calibrated']:.4f} ({cal.describe()})"
+            )
+            print(format_confusion({**metrics, "confusion": metrics["confusion_calibrated"]}))
+        else:
+            print(format_confusion(metrics))
     out = args.predictions or (
         args.adapter / f"predictions-{split}.jsonl" if args.adapter else None
     )
@@ -222,6 +255,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
         help="read every TEXT as a JSON object of the task's input fields (without it, a TEXT "
         "is such an object only when it parses as one; otherwise it is plain text)",
     )
+    add_calibrate_argument(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
@@ -279,6 +313,8 @@ def run_predict(args: argparse.Namespace) -> None:
         demo_pool=_pool(meta),
     )
     examples = prep.examples("input")
+    source = str(args.adapter / "tunelab.json")
+    cal = calibrate.resolve(tuned, prep, meta, calibrate.is_on(args.calibrate, task), source)
     if task.is_generation:
         from tunelab.evaluate.generate import greedy_generate
 
@@ -297,6 +333,8 @@ def run_predict(args: argparse.Namespace) -> None:
             )
         return
     probs = predict_logprobs(tuned, examples, prep.verbalizer, backbone.tokenizer.pad_token_id)
+    if cal is not None:
+        probs = calibrate.apply(probs, cal)
     labels = prep.verbalizer.labels
     for text, row in zip(args.text, probs.exp().tolist()):
         best, dist = _distribution(labels, row)
@@ -310,3 +348,111 @@ def run_predict(args: argparse.Namespace) -> None:
             shown = "  ".join(f"{lab}={p:.3f}" for lab, p in dist.items())
             print(f"{best}\t{shown}\t{text}")
     sys.stdout.flush()
+
+
+def add_label_words_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task YAML file or built-in task (classification)")
+    p.add_argument(
+        "--model", default=None, help="base model (default: the built-in SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--top",
+        type=int,
+        default=100,
+        metavar="K",
+        help="each class's candidates come from its K most likely words (default: 100)",
+    )
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=10,
+        metavar="N",
+        help="per class, the N of those that most favour it over the other classes enter the "
+        "search for the best assignment (default: 10)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the task with the proposed verbalizer as a task YAML (usable as --task)",
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the search as JSON")
+    p.add_argument(
+        "--limit", type=int, default=None, help="search on the first N training rows only"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def run_label_words(args: argparse.Namespace) -> None:
+    """Propose label words from the model's vocabulary by their likelihood on the training rows
+    (LM-BFF's automatic search); prints a verbalizer block to paste into the task YAML."""
+    from tunelab.evaluate.label_words import search
+    from tunelab.tasks.yamlfile import task_yaml
+
+    task = load_task(args.task)
+    if task.is_generation:
+        raise TunelabError(
+            f"{args.task}: {task.name} is a generation task (`target:`); label words are for "
+            "classification tasks"
+        )
+    for option, value in (("--top", args.top), ("--candidates", args.candidates),
+                          ("--limit", args.limit), ("--batch-size", args.batch_size)):  # fmt: skip
+        if value is not None and value < 1:
+            raise TunelabError(f"{option} must be >= 1, got {value}")
+    resolve_device(args.device)
+    for option, path in (("--out", args.out), ("--json", args.json)):
+        if path is not None:
+            prepare_output_file(path, option)
+    tuned, _, _, backbone = _load(None, args.model, args.device)
+    prep = PreparedTask.load(task, backbone.tokenizer, only={"train"})
+    prep.limit("train", args.limit)
+    found = search(tuned, prep, "train", args.top, args.candidates, args.batch_size)
+    print(label_words_table(task, found))
+    if args.out is not None:
+        header = (
+            f"{task.name} with label words proposed by `tunelab label-words` from {found.rows} "
+            f"{found.split} rows of {task.source}\n(training accuracy {found.accuracy:.4f}; "
+            f"the task's own verbalizer {found.task_accuracy:.4f})"
+        )
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        tmp.write_text(task_yaml(found.task(task), header), encoding="utf-8")
+        os.replace(tmp, args.out)
+        print(f"\ntask file: {args.out}")
+    if args.json is not None:
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        record = {"task": task.name, "task_words": task.verbalizer, **found.to_dict()}
+        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, args.json)
+    print("\n" + yaml_block(found.words))
+
+
+def yaml_block(words: dict[str, str]) -> str:
+    """The `verbalizer:` block to paste into a task YAML."""
+    import yaml
+
+    return yaml.safe_dump({"verbalizer": words}, sort_keys=False, allow_unicode=True).rstrip()
+
+
+def label_words_table(task, found, shown: int = 5) -> str:
+    """Each class's best candidates (* the proposal) and the training accuracy of the proposal
+    against the task's own verbalizer."""
+    lines = [
+        f"{task.name}: searched {found.vocabulary:,} vocabulary words on {found.rows} "
+        f"{found.split} rows, {found.assignments:,} assignments scored",
+        f"  {'label':<16}{'word':<18}{'log p':>9}{'vs others':>11}",
+    ]
+    for label, cands in found.candidates.items():
+        chosen = [c for c in cands[shown:] if c.word == found.words[label]]
+        for c in cands[:shown] + chosen:
+            mark = "*" if c.word == found.words[label] else " "
+            lines.append(f"{mark} {label:<16}{c.word:<18}{c.logp:>9.3f}{c.margin:>+11.3f}")
+    own = ", ".join(f"{label}: {' / '.join(ws)}" for label, ws in task.verbalizer.items())
+    lines += [
+        "log p: mean log-probability on the label's rows; vs others: minus its mean on the other "
+        "labels' rows",
+        f"{found.split} accuracy: proposal {found.accuracy:.4f}, task's verbalizer "
+        f"{found.task_accuracy:.4f} ({own})",
+    ]
+    return "\n".join(lines)

@@ -86,12 +86,16 @@ def evaluate_split(
     batch_size: int = 32,
     padding_side: str = "left",
     bf16: bool = False,
+    calibration=None,
 ) -> tuple[dict, torch.Tensor | list[str]]:
     """Metrics of the model on one split of a prepared task, and its outputs: (N, C) label
     log-probabilities for classification, the generated texts for generation.
 
     `metrics["per_row"]` holds each row's headline score (1 right, 0 wrong), what intervals and
-    paired tests between methods resample (tunelab/compare/stats.py)."""
+    paired tests between methods resample (tunelab/compare/stats.py). With a `calibration`
+    (tunelab/evaluate/calibrate.py) the outputs are the calibrated log-probabilities, and the
+    metrics keep the uncalibrated scores beside the calibrated ones (`accuracy_calibrated`,
+    `macro_f1_calibrated`, `confusion_calibrated`, `per_row_calibrated`)."""
     from tqdm import tqdm
 
     from tunelab.evaluate.generate import greedy_generate
@@ -147,6 +151,19 @@ def evaluate_split(
         split=split,
         seconds=round(time.perf_counter() - start, 3),
     )
+    if calibration is not None:
+        from tunelab.evaluate.calibrate import apply
+
+        logp = apply(logp, calibration)
+        pred = logp.argmax(-1).tolist()
+        cal = classification_metrics(gold, pred, prepared.verbalizer.labels)
+        metrics.update(
+            accuracy_calibrated=cal["accuracy"],
+            macro_f1_calibrated=cal["macro_f1"],
+            confusion_calibrated=cal["confusion"],
+            per_row_calibrated=[int(g == p) for g, p in zip(gold, pred)],
+            calibration=calibration.to_dict(),
+        )
     return metrics, logp
 
 

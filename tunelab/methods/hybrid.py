@@ -26,6 +26,8 @@ class HybridConfig:
     init_text: str = ""
     insert: str = "after_bos"
     prompt_lr: float = 3e-2
+    reparameterize: str = "none"  # residual: an MLP over the prompt while training, then folded
+    bottleneck: int = 256
     # the LoRA core (see lora.LoraSettings)
     r: int = 8
     alpha: int = 16
@@ -45,7 +47,13 @@ class HybridConfig:
 
     def prompt_config(self) -> prompt_tuning.PromptTuningConfig:
         return prompt_tuning.PromptTuningConfig(
-            self.num_virtual_tokens, self.init, self.init_text, self.insert, self.prompt_lr
+            self.num_virtual_tokens,
+            self.init,
+            self.init_text,
+            self.insert,
+            self.prompt_lr,
+            reparameterize=self.reparameterize,
+            bottleneck=self.bottleneck,
         )
 
     def lora_settings(self) -> lora.LoraSettings:

@@ -2,6 +2,10 @@
 
 Lester, Al-Rfou and Constant 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning".
 Initialising the prompt from the class label words' embeddings worked best there.
+
+With `reparameterize=residual` (Razdaibiedina et al. 2023, "Residual Prompt Tuning") the
+vectors pass through a shallow MLP with a skip connection while training; the artifact holds the
+vectors the model saw, so it is a plain prompt-tuning artifact.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 INITS = ("random", "vocab", "text", "labels")
 INSERTS = ("after_bos", "start")
+REPARAMETERIZATIONS = ("none", "residual")
 
 
 @dataclass
@@ -31,6 +36,9 @@ class PromptTuningConfig:
     insert: str = "after_bos"  # after_bos (or at the start when there is no BOS) | start
     lr: float = 3e-2  # soft prompts want a far larger step than weights
     weight_decay: float = 0.0
+    # residual: P' = P + LayerNorm(W2 relu(W1 P)) while training, folded into P' when saved
+    reparameterize: str = "none"  # none | residual
+    bottleneck: int = 256  # W1's width (the paper used 400 on wider models than 576)
 
     def __post_init__(self):
         if self.num_virtual_tokens < 1:
@@ -41,19 +49,62 @@ class PromptTuningConfig:
             raise TunelabError("init=text needs init_text=<some text>")
         if self.insert not in INSERTS:
             raise TunelabError(f"insert must be one of {', '.join(INSERTS)}, got {self.insert!r}")
+        if self.reparameterize not in REPARAMETERIZATIONS:
+            raise TunelabError(
+                f"reparameterize must be one of {', '.join(REPARAMETERIZATIONS)}, "
+                f"got {self.reparameterize!r}"
+            )
+        if self.bottleneck < 1:
+            raise TunelabError(f"bottleneck must be >= 1, got {self.bottleneck}")
+
+
+class ResidualReparam(nn.Module):
+    """P' = P + LayerNorm(W2 relu(W1 P)), one MLP shared by the n vectors (Razdaibiedina et
+    al. 2023): a step on W1, W2 moves every vector together, which made prompt tuning more
+    accurate and less sensitive to learning rate and initialisation there.
+
+    The LayerNorm's gain starts at 0 (not the usual 1), so P' = P exactly at step 0 and the
+    model starts where plain prompt tuning starts (the label words' embeddings by default):
+    a unit-variance LayerNorm output, far larger than typical token embeddings, would otherwise
+    throw the start away. Zeroing W2 instead would not do: LayerNorm of a zero vector has a gradient
+    of 1/sqrt(eps), so the first step would jump to a unit-variance shift. The gain still gets
+    a gradient at 0 and grows from the first step (as in zero-gamma residual blocks, Goyal et
+    al. 2017); W1 and W2 follow once it is non-zero."""
+
+    def __init__(self, width: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(width, bottleneck)
+        self.up = nn.Linear(bottleneck, width)
+        self.norm = nn.LayerNorm(width)
+        nn.init.zeros_(self.norm.weight)
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        """(n, D) → (n, D), in float32 even under bf16 autocast: the folded artifact then holds
+        exactly the vectors the model saw."""
+        with torch.autocast(p.device.type, enabled=False):
+            p = p.float()
+            return p + self.norm(self.up(torch.relu(self.down(p))))
 
 
 class SoftPrompt(nn.Module):
-    """n virtual token embeddings placed after the BOS token (or first) of every row."""
+    """n virtual token embeddings placed after the BOS token (or first) of every row;
+    with `reparam` (training only) the model sees `reparam(embedding)` instead."""
 
-    def __init__(self, weight: torch.Tensor, insert: str = "after_bos"):
+    def __init__(
+        self, weight: torch.Tensor, insert: str = "after_bos", reparam: nn.Module | None = None
+    ):
         super().__init__()
         self.embedding = nn.Parameter(weight.clone())  # (n, D)
         self.insert_at = insert
+        self.reparam = reparam
 
     @property
     def n(self) -> int:
         return self.embedding.shape[0]
+
+    def vectors(self) -> torch.Tensor:
+        """(n, D): the vectors the model sees."""
+        return self.embedding if self.reparam is None else self.reparam(self.embedding)
 
     def insert(self, embeds, mask, input_ids, bos_id):
         """(B, T, D), (B, T) → (B, T+n, D), (B, T+n), for left- or right-padded rows.
@@ -73,7 +124,7 @@ class SoftPrompt(nn.Module):
         in_prompt = (j >= p) & (j < p + n)  # (B, T+n)
         src = torch.where(j < p, j, j - n).clamp(0, T - 1)  # (B, T+n) source token index
         tokens = embeds.gather(1, src[..., None].expand(B, T + n, D))
-        prompt = self.embedding[(j - p).clamp(0, n - 1)].to(embeds.dtype)  # (B, T+n, D)
+        prompt = self.vectors()[(j - p).clamp(0, n - 1)].to(embeds.dtype)  # (B, T+n, D)
         out = torch.where(in_prompt[..., None], prompt, tokens)
         new_mask = torch.where(in_prompt, torch.ones_like(src), mask.gather(1, src))
         return out, new_mask
@@ -113,11 +164,18 @@ def new_prompt(backbone, cfg: PromptTuningConfig, verbalizer, seed: int = 0) -> 
     g = torch.Generator().manual_seed(seed)
     words = verbalizer.words if verbalizer is not None else []
     weight = initial_prompt(cfg, backbone.model, backbone.tokenizer, words, g)
-    return SoftPrompt(weight.to(backbone.model.get_input_embeddings().weight.dtype), cfg.insert)
+    reparam = None
+    if cfg.reparameterize == "residual":
+        with torch.random.fork_rng(devices=[]):  # W1, W2's init draws from the global generator
+            torch.manual_seed(seed)
+            reparam = ResidualReparam(weight.shape[1], cfg.bottleneck)
+    table = backbone.model.get_input_embeddings().weight
+    return SoftPrompt(weight.to(table.dtype), cfg.insert, reparam).to(table.device)
 
 
 def build(backbone, cfg: PromptTuningConfig, verbalizer, seed: int = 0) -> TunedLM:
-    """Freeze the backbone and add a soft prompt: the only trainable tensor."""
+    """Freeze the backbone and add a soft prompt: the only trainable tensor (with
+    `reparameterize=residual`, its MLP trains too)."""
     set_trainable(backbone.model, False)
     prompt = new_prompt(backbone, cfg, verbalizer, seed)
     return TunedLM(backbone.model, prompt, backbone.tokenizer.bos_token_id)
@@ -142,7 +200,8 @@ def restore_prompt(backbone, cfg: PromptTuningConfig, tensors: dict, source: str
 def save_prompt(
     prompt: SoftPrompt, model, cfg: PromptTuningConfig, out: Path, base_path: str
 ) -> None:
-    """adapter_config.json and adapter_model.safetensors in PEFT's prompt-tuning format."""
+    """adapter_config.json and adapter_model.safetensors in PEFT's prompt-tuning format: the
+    vectors the model sees, so a reparameterised prompt is folded into plain vectors."""
     mc = model.config
     write_json(
         {
@@ -159,8 +218,13 @@ def save_prompt(
         },
         out / ADAPTER_CONFIG,
     )
+    was_training = prompt.training
+    prompt.eval()
+    with torch.no_grad():
+        vectors = prompt.vectors().float()  # (n, D)
+    prompt.train(was_training)
     atomic_save(
-        {"prompt_embeddings": prompt.embedding.detach().float()},
+        {"prompt_embeddings": vectors},
         out / ADAPTER_WEIGHTS,
         {"format": "pt"},
     )

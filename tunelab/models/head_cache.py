@@ -102,7 +102,7 @@ def prefill(tuned, ids: list[int]) -> HeadCache:
             tok = torch.tensor([ids], device=device)
             embeds, mask = tuned.embed(tok, torch.ones_like(tok))  # (1, T + n_prompt, D)
         else:  # a soft prompt alone: no tokens to embed around it
-            embeds = prompt.embedding[None].to(model.get_input_embeddings().weight.dtype)
+            embeds = prompt.vectors()[None].to(model.get_input_embeddings().weight.dtype)
             mask = torch.ones(1, n_prompt, dtype=torch.long, device=device)
         pos = torch.arange(embeds.size(1), device=device)[None] + n_prefix
         cache = None

@@ -15,6 +15,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from tunelab.errors import TunelabError
+from tunelab.evaluate.calibrate import apply as calibrated
 from tunelab.evaluate.cli import _distribution
 from tunelab.serve.access import Keys, OutsideRoot, hide_root, resolve_under
 from tunelab.serve.batcher import Batcher, encode_inputs
@@ -187,6 +188,8 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
         async def work():
             entry, examples = entry_for(req.task, "classification", req.inputs)
             logp = await batcher.classify(entry, examples)
+            if entry.calibration is not None:  # as `tunelab predict --calibrate` scores
+                logp = calibrated(logp, entry.calibration)
             labels = entry.prep.verbalizer.labels
             results = []
             for row in logp.exp().tolist():
@@ -235,7 +238,7 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
             raise HTTPException(409, f"task {req.name!r} is already loaded")
         source = path.relative_to(root).as_posix()
         try:
-            entry = await batcher.run(store.load, req.name, path, source)
+            entry = await batcher.run(store.load, req.name, path, source, req.calibrate)
         except TooManyTasks as e:
             raise HTTPException(409, str(e)) from None
         except OverMemory as e:

@@ -79,6 +79,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="parameter memory at most: the backbone, its copies and every task's tensors "
         "(no limit)",
     )
+    p.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="contextual calibration of every classification task (--no-calibrate: of none; "
+        "default: where the artifact's task says `calibrate: content-free`); a task's stored "
+        "label bias is used, else it is measured at load",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
@@ -157,7 +165,9 @@ def build(args: argparse.Namespace):
         adapter_root=args.adapter_root,
     )
     max_tasks, max_bytes = _limits(args)
-    store = AdapterStore(load_backbone(model), resolve_device(args.device), max_tasks, max_bytes)
+    store = AdapterStore(
+        load_backbone(model), resolve_device(args.device), max_tasks, max_bytes, args.calibrate
+    )
     from tunelab.serve.forward import head_of
 
     for name, path in adapters:
@@ -178,8 +188,10 @@ def run(args: argparse.Namespace) -> None:
     for line in warnings_for(args.host, app.state.config):
         print(line, file=sys.stderr)
     for info in store.describe():
+        calibrated = ", calibrated" if info["calibrated"] else ""
         print(
-            f"task {info['name']}: {info['method']} ({info['kind']}, {info['backbone']} backbone)"
+            f"task {info['name']}: {info['method']} ({info['kind']}, {info['backbone']} "
+            f"backbone{calibrated})"
         )
     print(f"serving {len(store.tasks)} task(s) on http://{args.host}:{args.port}", flush=True)
     # on SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests finish (up to 30 s),

@@ -43,6 +43,11 @@ class GenerateResponse(BaseModel):
 class TaskLoad(BaseModel):
     name: str = Field(description="the name requests will use")
     path: str = Field(description="an artifact folder, relative to the server's --adapter-root")
+    calibrate: bool | None = Field(
+        default=None,
+        description="divide out the label bias measured on content-free inputs (default: the "
+        "server's --calibrate, else the artifact's task's `calibrate:`)",
+    )
 
 
 class TaskInfo(BaseModel):
@@ -55,6 +60,7 @@ class TaskInfo(BaseModel):
     path: str  # relative to --adapter-root, or "startup" for an --adapter outside it
     param_bytes: int  # parameter memory the task added (its tensors, its backbone copy)
     cached_prefix_slots: int | None  # key/value slots computed once per task (None: not yet)
+    calibrated: bool = False  # its label probabilities are calibrated (content-free)
 
 
 class Unloaded(BaseModel):

@@ -23,6 +23,7 @@ import torch
 
 from tunelab.artifact import load_artifact, read_meta
 from tunelab.errors import TunelabError
+from tunelab.evaluate.calibrate import is_on, resolve
 from tunelab.evaluate.cli import _max_length, _pool
 from tunelab.models import Backbone, load_backbone
 from tunelab.tasks.prepared import PreparedTask
@@ -71,6 +72,7 @@ class TaskEntry:
     added_bytes: int = 0  # parameter memory the load added (its tensors, its backbone copy)
     adapter: str | None = None  # its LoRA adapter's name inside the shared backbone
     head_cache: object = None  # models.head_cache.HeadCache, built on first use
+    calibration: object = None  # evaluate.calibrate.Calibration applied to its scores, or None
 
     @property
     def task(self) -> TaskSpec:
@@ -89,6 +91,7 @@ class TaskEntry:
             "path": self.source,
             "param_bytes": self.added_bytes,
             "cached_prefix_slots": cache.slots if cache is not None else None,
+            "calibrated": self.calibration is not None,
         }
 
 
@@ -101,8 +104,12 @@ class AdapterStore:
         device: torch.device,
         max_tasks: int | None = None,
         max_bytes: int | None = None,
+        calibrate: bool | None = None,
     ):
+        """`calibrate`: True calibrates every classification task, False none, None those
+        whose task says `calibrate: content-free` (evaluate/calibrate.py)."""
         self.backbone = backbone
+        self.calibrate = calibrate
         self.device = device
         self.backbone.model.to(device).eval()
         self.tasks: dict[str, TaskEntry] = {}
@@ -119,9 +126,12 @@ class AdapterStore:
         """Parameter memory held now: the backbone and what every task added."""
         return self.base_bytes + sum(e.added_bytes for e in self.tasks.values())
 
-    def load(self, name: str, path: Path, source: str = "startup") -> TaskEntry:
+    def load(
+        self, name: str, path: Path, source: str = "startup", calibrate: bool | None = None
+    ) -> TaskEntry:
         """Load an artifact under `name`; a bad one raises TunelabError and changes nothing.
-        `source`: how clients see its folder."""
+        `source`: how clients see its folder. `calibrate` (None: the store's setting, else the
+        task's) applies the artifact's stored label bias, or one measured now."""
         if not NAME.match(name or "") or name in RESERVED:
             raise TunelabError(
                 f"task name {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting with a "
@@ -165,8 +175,29 @@ class AdapterStore:
         entry = TaskEntry(
             name, path, meta["method"], tuned, prep, backbone, shared, source, added, adapter
         )
+        try:
+            entry.calibration = self._calibration(entry, meta, calibrate)
+        except TunelabError:
+            remove_adapter(self.backbone.model, adapter)
+            raise
         self.tasks[name] = entry
         return entry
+
+    def _calibration(self, entry: TaskEntry, meta: dict, calibrate: bool | None):
+        """The label bias to divide out of this task's scores, or None."""
+        from tunelab.serve.forward import task_routing
+
+        task = entry.task
+        if calibrate is None and self.calibrate is not None:  # the server's, for every task
+            calibrate = self.calibrate and not task.is_generation
+        with task_routing(entry):  # a measurement runs on the task's own adapter
+            return resolve(
+                entry.tuned,
+                entry.prep,
+                meta,
+                is_on(calibrate, task),
+                str(entry.path / "tunelab.json"),
+            )
 
     def _check_memory(self, name: str, path: Path, shared: bool) -> int:
         """The parameter bytes loading `path` would add; OverMemory if past the budget."""

@@ -1,9 +1,10 @@
 """Context demonstrations: k solved examples per class (k in all for generation) placed before
 the input.
 
-Selection is random (seeded per input), by similarity to the input (TF-IDF cosine; LM-BFF,
-Gao et al. 2021, use SBERT embeddings for the same purpose), or, for text-to-SQL, random among
-rows of the input's own database (topped up from others when it has fewer than k).
+Selection is random (seeded per input, and per epoch for training rows), by similarity to the
+input (TF-IDF cosine; LM-BFF, Gao et al. 2021, use SBERT embeddings for the same purpose), or,
+for text-to-SQL, random among rows of the input's own database (topped up from others when it
+has fewer than k).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class DemoSelector:
     def __init__(self, task: TaskSpec, pool: list[Record]):
         self.task, self.cfg = task, task.demonstrations
         self.pool = pool
+        self.texts = [self._text(r) for r in pool]
         self.by_label: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(pool):
             # generation: one group, so k in all
@@ -46,7 +48,7 @@ class DemoSelector:
         return render(self.task.template, r.fields)
 
     def _index(self) -> None:
-        docs = [_terms(self._text(r)) for r in self.pool]
+        docs = [_terms(t) for t in self.texts]
         df = Counter(t for d in docs for t in d)
         n = len(docs)
         self.idf = {t: math.log((1 + n) / (1 + c)) + 1 for t, c in df.items()}
@@ -70,22 +72,27 @@ class DemoSelector:
             scores[rows] += weights * (v / norm)
         return scores
 
-    def select(self, query: Record) -> list[Record]:
-        """k rows per class (never the query itself), ordered class by class."""
+    def select(self, query: Record, epoch: int = 0) -> list[Record]:
+        """k rows per class, ordered class by class; never the query itself nor a row that
+        reads the same (its answer would be given away). `epoch` > 0 draws random selections
+        afresh (a training row's demonstrations in that epoch); inference draws epoch 0's."""
         k = self.cfg.k
         if k == 0:
             return []
-        own = (query.source, query.line)
+        own, text = (query.source, query.line), self._text(query)
         if self.cfg.select == "similar":
-            scores = self._similarity(self._text(query))
+            scores = self._similarity(text)
         else:
-            rng = random.Random(self.cfg.seed * 1_000_003 + zlib.crc32(self._text(query).encode()))
+            # crc32 < 2**32: each epoch has its own seeds
+            rng = random.Random(
+                self.cfg.seed * 1_000_003 + zlib.crc32(text.encode()) + epoch * 2**32
+            )
         chosen: list[Record] = []
         for label in self.task.labels or [""]:
             cands = [
                 i
                 for i in self.by_label.get(label, [])
-                if (self.pool[i].source, self.pool[i].line) != own
+                if (self.pool[i].source, self.pool[i].line) != own and self.texts[i] != text
             ]
             if self.cfg.select == "same-database":
                 db = self.task.sql.db_field

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from tunelab.errors import TunelabError
 from tunelab.tasks.data import Filtered, filter_summary, load_splits
 from tunelab.tasks.demonstrations import DemoSelector
-from tunelab.tasks.encode import Example, encode
+from tunelab.tasks.encode import Epochs, Example, encode
 from tunelab.tasks.readers import Record
 from tunelab.tasks.spec import TaskSpec
 from tunelab.tasks.verbalizer import Verbalizer
@@ -65,6 +65,26 @@ class PreparedTask:
                 self.task, self.split(name), self.tokenizer, self.demos, self.max_length
             )
         return self._encoded[name]
+
+    def training_examples(self, epochs: int = 1, demonstrations: bool | None = None) -> Epochs:
+        """The training rows as training reads them. With demonstrations (default:
+        `demonstrations.train`), each row carries k per class drawn from the other training
+        rows, afresh for each of `epochs` epochs (LM-BFF); epoch 0 draws what inference would.
+        Without, the bare prompts, also when inference adds demonstrations."""
+        if demonstrations is None:
+            demonstrations = self.task.demonstrations.train
+        if self.demos is None:
+            return Epochs([self.examples("train")])
+        rows = self.split("train")
+        if not demonstrations:
+            return Epochs([encode(self.task, rows, self.tokenizer, None, self.max_length)])
+        # `similar` picks the same rows every time: one encoding serves every epoch
+        n = 1 if self.task.demonstrations.select == "similar" else max(1, epochs)
+        later = [
+            encode(self.task, rows, self.tokenizer, self.demos, self.max_length, epoch=e)
+            for e in range(1, n)
+        ]
+        return Epochs([self.examples("train"), *later])
 
     def limit(self, name: str, n: int | None) -> None:
         """Keep only the first n rows of a split (before it is encoded)."""

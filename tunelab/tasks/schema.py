@@ -20,6 +20,8 @@ def _expected(hint) -> str:
     origin = typing.get_origin(hint)
     if hint is str:
         return "text"
+    if hint is bool:
+        return "true or false"
     if hint is int:
         return "a whole number"
     if hint is float:
@@ -67,6 +69,7 @@ def check(value, hint, key: str, where: Where):
         return {str(k): check(v, args[1], f"{key}.{k}", where) for k, v in value.items()}
     ok = {
         str: isinstance(value, str),
+        bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
     }.get(hint, True)

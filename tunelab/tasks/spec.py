@@ -15,6 +15,7 @@ from tunelab.tasks.template import placeholders, template_problem
 from tunelab.tasks.yamlfile import read_yaml
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
+CONTENT_FREE = ("N/A", "", "[MASK]")  # the inputs calibration measures the label bias on
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Demonstrations:
     seed: int = 0
     template: str | None = None  # generation: how a demonstration's input reads (default: the
     # task's template; for SQL, e.g. without the schema, which would repeat per demonstration)
+    train: bool = False  # training rows carry them too, drawn afresh each epoch (LM-BFF)
 
 
 @dataclass
@@ -173,6 +175,8 @@ class TaskSpec:
     validation: Validation = field(default_factory=Validation)
     demonstrations: Demonstrations = field(default_factory=Demonstrations)
     encoding: str = "utf-8"
+    calibrate: str | None = None  # content-free: divide out the label bias (Zhao et al. 2021)
+    content_free: list[str] = field(default_factory=lambda: list(CONTENT_FREE))
     source: str = "<dict>"
     lines: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
@@ -237,6 +241,7 @@ class TaskSpec:
         self._check_kind()
         self._check_numbers()
         self.row_filters()  # a bad `filter:` raises here, naming its line
+        self._check_calibrate()
         if not self.data and not self.dataset:
             raise TunelabError(
                 f"{self.source}: the task file needs `data:` (split: file) or `dataset:`"
@@ -337,6 +342,11 @@ class TaskSpec:
                 f"{self.where('demonstrations.k')}: demonstrations.k must be >= 0, "
                 f"got {self.demonstrations.k}"
             )
+        if self.demonstrations.train and self.demonstrations.k < 1:
+            raise TunelabError(
+                f"{self.where('demonstrations.train')}: demonstrations.train: true needs "
+                f"demonstrations.k >= 1 (demonstrations per class), got {self.demonstrations.k}"
+            )
         if self.few_shot is not None and self.few_shot.k < 1:
             raise TunelabError(
                 f"{self.where('few_shot.k')}: few_shot.k must be >= 1, got {self.few_shot.k}"
@@ -352,6 +362,24 @@ class TaskSpec:
                     f"{self.where('holdout.' + split)}: holdout.{split} must be > 0 (rows, or a "
                     f"fraction < 1), got {size}"
                 )
+
+    def _check_calibrate(self) -> None:
+        """`calibrate:` names a known method, on a classification task."""
+        if self.calibrate is not None and self.calibrate != "content-free":
+            raise TunelabError(
+                f"{self.where('calibrate')}: calibrate: expected 'content-free' (or no key), "
+                f"got {self.calibrate!r}"
+            )
+        if self.calibrate is not None and self.is_generation:
+            raise TunelabError(
+                f"{self.where('calibrate')}: calibrate: applies to classification (label "
+                "probabilities), not to a generation task (`target:`)"
+            )
+        if not self.content_free:
+            raise TunelabError(
+                f"{self.where('content_free')}: content_free: expected at least one input, "
+                "e.g. ['N/A', '', '[MASK]']"
+            )
 
 
 def _resolve_path(value: str, base: Path) -> str:

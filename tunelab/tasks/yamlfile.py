@@ -1,7 +1,9 @@
-"""Read a YAML mapping and remember the line of every key, so errors can name it."""
+"""Read a YAML mapping and remember the line of every key, so errors can name it; write a task
+spec back as a task file."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -57,3 +59,22 @@ def read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     lines: dict[str, int] = {}
     _key_lines(node, "", lines, path)
     return data, lines
+
+
+def task_yaml(task, header: str = "") -> str:
+    """A task spec as a task file: its keys that differ from the defaults, data paths absolute
+    (so the file works from any folder), `header` as a leading comment."""
+    values = task.to_dict()
+    values.pop("source", None)
+    kept = {}
+    for f in dataclasses.fields(task):
+        if f.name not in values or values[f.name] is None:
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            default = dataclasses.asdict(default)
+        if values[f.name] != default:
+            kept[f.name] = values[f.name]
+    body = yaml.safe_dump(kept, sort_keys=False, allow_unicode=True, width=10_000)
+    lead = "".join(f"# {line}\n" for line in header.splitlines())
+    return lead + body

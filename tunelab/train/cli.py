@@ -12,6 +12,8 @@ from pathlib import Path
 from tunelab import methods
 from tunelab.artifact import save_artifact
 from tunelab.errors import TunelabError
+from tunelab.evaluate.calibrate import measure as measure_calibration
+from tunelab.evaluate.calibrate import refuse_generation
 from tunelab.evaluate.metrics import headline
 from tunelab.evaluate.predict import evaluate_split
 from tunelab.io import check_writable_dir
@@ -22,7 +24,7 @@ from tunelab.tasks.prepared import PreparedTask
 from tunelab.train import distributed
 from tunelab.train.checkpoint import read_meta as read_checkpoint_meta
 from tunelab.train.config import TrainConfig, apply_overrides
-from tunelab.train.loop import train
+from tunelab.train.loop import epochs_in_run, train
 
 
 def settings_help() -> str:
@@ -74,6 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also evaluate the untrained model (zero-shot, same template) first",
     )
     p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="as the task key `calibrate: content-free`: measure the label bias on "
+        "content-free inputs with the final weights, store it in the artifact, and report "
+        "calibrated scores beside the plain ones",
+    )
+    p.add_argument(
         "--eval-split",
         default=None,
         help="split reported at the end (default: test, else validation)",
@@ -123,6 +132,27 @@ def peak_memory_mb(device) -> float:
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def demonstrations_line(prep: PreparedTask, epochs) -> str:
+    """Where demonstrations go, and with `demonstrations.train` what they cost: tokens per
+    training row with and without them."""
+    demo = prep.task.demonstrations
+    n = f"{demo.k} {'in all' if prep.task.is_generation else 'per class'}"
+    if not demo.train:
+        return (
+            f"demonstrations: {n} in validation and inference prompts, none in training "
+            "(demonstrations.train: false)"
+        )
+    if len(epochs.encodings) > 1:
+        how = f"drawn afresh for each of {len(epochs.encodings)} epochs"
+    else:
+        how = "the same every epoch" if demo.select == "similar" else "drawn for the one epoch"
+    plain = prep.training_examples(demonstrations=False).mean_tokens()
+    return (
+        f"demonstrations in training: {n}, {how}; {epochs.mean_tokens():.1f} tokens per "
+        f"training row ({plain:.1f} without)"
+    )
 
 
 def check_out(args: argparse.Namespace, run_id: dict) -> None:
@@ -192,12 +222,22 @@ def validation_line(summary: dict) -> str:
     return "validation: " + ", ".join([*parts, best])
 
 
+def _calibrated(metrics: dict) -> str:
+    """The calibrated accuracy, to follow the plain one on a line ("" when not calibrated)."""
+    if "accuracy_calibrated" not in metrics:
+        return ""
+    return f" (calibrated {metrics['accuracy_calibrated']:.4f})"
+
+
 def run(args: argparse.Namespace) -> None:
     """Train a method on a task; evaluate the best checkpoint; write the artifact to --out.
 
     Under `torchrun --nproc_per_node=N` (or `accelerate launch`) the same command trains with
     DistributedDataParallel (or, with fsdp=true, FSDP); rank 0 writes the artifact."""
     task = load_task(args.task)
+    if args.calibrate:
+        refuse_generation(task)
+        task = dataclasses.replace(task, calibrate="content-free")
     method = methods.get(args.method)
     train_cfg, method_cfg = apply_overrides(args.set, TrainConfig(), methods.CONFIGS[args.method]())
     if args.limit is not None and args.limit < 1:
@@ -223,13 +263,16 @@ def run(args: argparse.Namespace) -> None:
     report = None if args.validate_only else prep.eval_split(args.eval_split)
     if report is not None:
         prep.limit(report, args.limit)
-    train_ex = prep.examples("train")
+    epochs = prep.training_examples(epochs_in_run(max(1, len(prep.split("train"))), train_cfg))
+    train_ex = epochs.of(0)
     val_ex = prep.examples(val_name) if val_name in prep.splits else []
     kind = "generation" if task.is_generation else "labels " + ", ".join(prep.verbalizer.labels)
     reported = f"{len(prep.split(report))} {report}" if report else "no reported split read"
     for line in prep.filter_summary():
         say(line)
     say(f"task {task.name}: {len(train_ex)} train, {len(val_ex)} validation, {reported}; {kind}")
+    if prep.demos is not None:
+        say(demonstrations_line(prep, epochs))
     evaluate = dict(
         batch_size=train_cfg.eval_batch_size,
         padding_side=train_cfg.padding_side,
@@ -238,15 +281,23 @@ def run(args: argparse.Namespace) -> None:
 
     baseline = None
     if args.baseline and world.main and report is not None:
-        baseline, _ = evaluate_split(TunedLM(backbone.model), prep, report, **evaluate)
-        print("zero-shot {} {}: {:.4f}".format(report, *headline(baseline)))
+        untrained = TunedLM(backbone.model)
+        cal = measure_calibration(untrained, prep, **evaluate) if task.calibrate else None
+        baseline, _ = evaluate_split(untrained, prep, report, calibration=cal, **evaluate)
+        print("zero-shot {} {}: {:.4f}".format(report, *headline(baseline)) + _calibrated(baseline))
 
     tuned = method.build(backbone, method_cfg, prep.verbalizer, train_cfg.seed)
     n_train = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in tuned.parameters())
+    folded = ""
+    if getattr(tuned.prompt, "reparam", None) is not None:  # reparameterize=residual
+        folded = (
+            f"; the artifact keeps {tuned.prompt.embedding.numel():,} "
+            "(the prompt's MLP is folded into its vectors)"
+        )
     say(
         f"{args.method}: {n_train:,} trainable of {n_total:,} parameters "
-        f"({100 * n_train / n_total:.4f}%)"
+        f"({100 * n_train / n_total:.4f}%){folded}"
     )
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(tuned, args.method)
@@ -266,7 +317,7 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     result = train(
         tuned,
-        train_ex,
+        epochs,
         val_ex,
         prep.verbalizer,
         train_cfg,
@@ -284,10 +335,15 @@ def run(args: argparse.Namespace) -> None:
     )
     seconds = time.perf_counter() - start
     sharded = distributed.sharded(tuned)
-    metrics = None
-    if report is not None and (world.main or sharded):  # under FSDP every rank runs the model
+    metrics = calibration = None
+    if world.main or sharded:  # under FSDP every rank runs the model
         with distributed.full_weights(tuned):
-            metrics, _ = evaluate_split(tuned, prep, report, **evaluate)
+            if task.calibrate:  # the label bias of the final weights, kept in the artifact
+                calibration = measure_calibration(tuned, prep, **evaluate)
+            if report is not None:
+                metrics, _ = evaluate_split(
+                    tuned, prep, report, calibration=calibration, **evaluate
+                )
     if sharded:
         distributed.unshard_to_main(tuned, world)  # rank 0 writes whole tensors
     if not world.main:  # rank 0 holds the same weights and writes the one artifact
@@ -319,7 +375,10 @@ def run(args: argparse.Namespace) -> None:
         summary,
         result.history,
         prep.demos.pool if prep.demos else None,
+        calibration.to_dict() if calibration else None,
     )
+    if calibration is not None:
+        print(calibration.describe())
     print(
         f"trained {result.step} steps in {seconds:.0f}s; "
         f"peak memory {summary['peak_memory_mb']:,.0f} MB"
@@ -334,8 +393,9 @@ def run(args: argparse.Namespace) -> None:
     if baseline is not None:
         print(
             f"{report} {name}: zero-shot {headline(baseline)[1]:.4f} -> {args.method} {value:.4f}"
+            + _calibrated(metrics)
         )
     else:
-        print(f"{report} {name}: {value:.4f}")
+        print(f"{report} {name}: {value:.4f}" + _calibrated(metrics))
     print(f"artifact: {args.out}")
     distributed.finish()

@@ -18,6 +18,7 @@ from tunelab.methods.base import backbone_alone
 from tunelab.models.head_cache import after_head, head_ids
 from tunelab.models.lean import lean_swiglu
 from tunelab.models.scoring import make_batch
+from tunelab.tasks.encode import Epochs
 from tunelab.train import distributed
 from tunelab.train.checkpoint import (
     atomic_save,
@@ -80,6 +81,16 @@ def micro_batch(lengths: list[int], cfg: TrainConfig, m: int, _cache: dict | Non
         cache.clear()
         cache[epoch] = epoch_batches(lengths, cfg, epoch)
     return cache[epoch][i]
+
+
+def epoch_of(n_rows: int, cfg: TrainConfig, m: int) -> int:
+    """The epoch the m-th micro-batch of the run belongs to."""
+    return m // math.ceil(n_rows / cfg.batch_size)
+
+
+def epochs_in_run(n_rows: int, cfg: TrainConfig) -> int:
+    """How many epochs (whole or begun) `cfg.steps` steps read."""
+    return epoch_of(n_rows, cfg, cfg.steps * cfg.grad_accum - 1) + 1
 
 
 class Objective(nn.Module):
@@ -177,7 +188,7 @@ def train(
     the best-checkpoint choice includes it; with `zero_shot`, that record also holds the score
     of the backbone alone (`zero_shot`: no soft prompt, prefix or head, adapters off).
     `run` (task, method and its config) is kept in the checkpoint, so that --resume can refuse
-    another run's.
+    another run's. `train_ex` is a list of examples, or `Epochs`: the rows encoded per epoch.
     """
     world, device = distributed.init(cfg.device)
     if not (cfg.fsdp and world.distributed):  # FSDP moves each block as it shards it
@@ -198,7 +209,11 @@ def train(
         for p in tuned.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
-    head = shared_head_ids(tuned, train_ex, verbalizer, cfg)
+    # rows re-encoded each epoch (demonstrations drawn afresh): the head is what all of them
+    # share; batching follows the first epoch's lengths
+    epochs = train_ex if isinstance(train_ex, Epochs) else Epochs([train_ex])
+    train_ex = epochs.of(0)
+    head = shared_head_ids(tuned, epochs.every_row(), verbalizer, cfg)
     # (before the optimizer: FSDP replaces the parameters with sharded ones)
     objective = distributed.wrap(Objective(tuned, verbalizer, head), world, device, cfg.fsdp)
     sharded = distributed.sharded(tuned)  # then every rank gathers what rank 0 writes
@@ -285,11 +300,12 @@ def train(
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            rows = micro_batch(lengths, cfg, res.step * cfg.grad_accum + micro, batches)
+            m = res.step * cfg.grad_accum + micro
+            rows = micro_batch(lengths, cfg, m, batches)
             idx = distributed.shard(rows, world)
             # a rank left without rows still runs one, weighted 0: DDP needs every rank's backward
             weight = 1.0 if idx else 0.0
-            part = [train_ex[i] for i in idx or rows[:1]]
+            part = [epochs.of(epoch_of(len(lengths), cfg, m))[i] for i in idx or rows[:1]]
             if head is not None:  # the objective runs the head once and attends to it
                 part = after_head(part, len(head))
             batch = make_batch(
