@@ -21,6 +21,7 @@ from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.tasks.readers import Record
 from tunelab.tasks.template import render
+from tunelab.train.checkpoint import write_json
 from tunelab.train.loop import resolve_device
 
 # what an artifact fixes (so inference prompts exactly as training did) versus what --task may
@@ -421,10 +422,8 @@ def run_label_words(args: argparse.Namespace) -> None:
         os.replace(tmp, args.out)
         print(f"\ntask file: {args.out}")
     if args.json is not None:
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
         record = {"task": task.name, "task_words": task.verbalizer, **found.to_dict()}
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, args.json)
+        write_json(record, args.json)
     print("\n" + yaml_block(found.words))
 
 
