@@ -144,19 +144,8 @@ def make_comparison(
         from tunelab.evaluate.calibrate import refuse_generation
 
         refuse_generation(task)
-    names = _names(methods)
-    for name in names:
-        if name not in BASELINES and name not in METHODS:
-            known = ", ".join([*BASELINES, *METHODS])
-            raise TunelabError(f"--methods {name}: unknown method (known: {known})")
-    if seeds is None or isinstance(seeds, str):
-        seeds = parse_seeds(seeds or ("1,2,3" if tune else "42"))
-    if tune < 0:
-        raise TunelabError(f"--tune must be >= 1 trials, got {tune}")
-    search = search if isinstance(search, str) else ",".join(search)
+    names, seeds, search = check_methods_and_search(methods, seeds, tune, search)
     extra = [k.strip() for k in search.split(",") if k.strip()]
-    if extra and not tune:
-        raise TunelabError("--search needs --tune N")
     if label_words not in ("task", "auto"):
         raise TunelabError(f"--label-words must be task or auto, got {label_words!r}")
     if label_words == "auto" and task.is_generation:
@@ -172,16 +161,29 @@ def make_comparison(
     )
     knobs = {m: space(m, extra) for m in names if m not in BASELINES}
     return Comparison(
-        task, str(task_ref), names, Path(options.pop("out")), list(seeds), train_cfg, knobs,
+        task, str(task_ref), names, Path(options.pop("out")), seeds, train_cfg, knobs,
         list(settings), tune=tune, search=search, label_words=label_words, prune=prune,
         **options,
     )  # fmt: skip
 
 
-def _names(methods: str | list[str]) -> list[str]:
+def check_methods_and_search(methods, seeds, tune: int, search) -> tuple[list, list, str]:
+    """(method names, seeds, search knobs as text), from lists or comma-separated text."""
     if isinstance(methods, str):
         methods = methods.split(",")
-    return [m.strip() for m in methods if m.strip()]
+    names = [m.strip() for m in methods if m.strip()]
+    for name in names:
+        if name not in BASELINES and name not in METHODS:
+            known = ", ".join([*BASELINES, *METHODS])
+            raise TunelabError(f"--methods {name}: unknown method (known: {known})")
+    if seeds is None or isinstance(seeds, str):
+        seeds = parse_seeds(seeds or ("1,2,3" if tune else "42"))
+    if tune < 0:
+        raise TunelabError(f"--tune must be >= 1 trials, got {tune}")
+    search = search if isinstance(search, str) else ",".join(search)
+    if any(k.strip() for k in search.split(",")) and not tune:
+        raise TunelabError("--search needs --tune N")
+    return names, list(seeds), search
 
 
 def run_comparison(

@@ -135,19 +135,9 @@ def train_task(req: Request, say: Say = print) -> TrainResult | None:
     if not world.main:  # rank 0 holds the same weights and writes the one artifact
         distributed.finish()
         return None
-    summary = {
-        "split": data.report,
-        **({data.report: metrics} if data.report else {}),
-        "best_validation": result.best_metric,
-        "best_step": result.best_step,
-        **start_scores(result.history),
-        "steps": result.step,
-        "train_seconds": round(seconds, 1),
-        "trainable_parameters": n_train,
-        "total_parameters": n_total,
-        "peak_memory_mb": peak_memory_mb(device),
-        "world_size": world.size,
-    }
+    summary = run_summary(data.report, metrics, baseline, result, seconds, n_train, n_total)
+    summary["peak_memory_mb"] = peak_memory_mb(device)
+    summary["world_size"] = world.size
     if baseline is not None:
         summary[f"zero_shot_{data.report}"] = baseline
     save_artifact(
@@ -170,6 +160,21 @@ def train_task(req: Request, say: Say = print) -> TrainResult | None:
         req.out, req.method, data.report, metrics, validation, summary, seconds, baseline,
         calibration, result.history,
     )  # fmt: skip
+
+
+def run_summary(report, metrics, baseline, result, seconds, n_train, n_total) -> dict:
+    """tunelab.json's `summary` (SCHEMA.md): the reported split's metrics, validation, cost."""
+    return {
+        "split": report,
+        **({report: metrics} if report else {}),
+        "best_validation": result.best_metric,
+        "best_step": result.best_step,
+        **start_scores(result.history),
+        "steps": result.step,
+        "train_seconds": round(seconds, 1),
+        "trainable_parameters": n_train,
+        "total_parameters": n_total,
+    }
 
 
 def _silent(*_a, **_k) -> None:
