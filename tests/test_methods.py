@@ -378,7 +378,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tiny_ta
     import torch.nn.functional as F
 
     from tunelab.models.scoring import label_logprobs, make_batch
-    from tunelab.train.cli import enable_gradient_checkpointing
+    from tunelab.train.run import enable_gradient_checkpointing
 
     def grads(checkpointing: bool):
         backbone, prep, cfg, tuned = _setup(
@@ -408,7 +408,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tiny_ta
 def test_gradient_checkpointing_is_refused_where_no_gradient_crosses_the_model(
     tiny_model_dir, tiny_task
 ):
-    from tunelab.train.cli import enable_gradient_checkpointing
+    from tunelab.train.run import enable_gradient_checkpointing
 
     *_, tuned = _setup(tiny_model_dir, tiny_task, "head", {})
     with pytest.raises(TunelabError, match="frozen backbone sends no gradient through it"):

@@ -48,6 +48,37 @@ def readme_commands() -> list[str]:
     ]
 
 
+def readme_python() -> str:
+    """The ```python block of the README's "Python API" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+
+
+def test_readme_python_example_calls_every_function_of_the_api():
+    code = readme_python()
+    compile(code, "README.md", "exec")
+    for call in ("load_task(", "train(", "load(", "predict(", "evaluate(", "compare(", "advise("):
+        assert f".{call}" in code, call
+
+
+@pytest.mark.integration
+@needs_default_model
+def test_readme_python_example_runs(tmp_path):
+    code = readme_python().replace('"runs/', f'"{tmp_path}/runs/')
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "prompt-tuning" in proc.stdout  # the comparison's table
+
+
 def test_readme_has_the_two_setup_commands_first():
     text = (ROOT / "README.md").read_text()
     first_block = re.search(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S).group(1)

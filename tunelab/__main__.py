@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tunelab.compare.advise import add_arguments as add_advise_arguments
-from tunelab.compare.advise import run as run_advise
-from tunelab.compare.run import add_arguments as add_compare_arguments
-from tunelab.compare.run import run as run_compare
+from tunelab.compare.cli import (
+    add_advise_arguments,
+    add_compare_arguments,
+    run_advise,
+    run_compare,
+)
 from tunelab.compare.tune import add_arguments as add_tune_arguments
 from tunelab.compare.tune import run as run_tune
 from tunelab.errors import TunelabError

@@ -1,9 +1,9 @@
-"""`tunelab advise`: which method to pick for a model, a number of tasks, a memory budget and a
-priority, from estimated (or, with results.json, measured) cost and accuracy."""
+"""Which method to pick (`tunelab advise`, `tunelab.advise`) for a model, a number of tasks,
+a memory budget and a priority, from estimated (or, with results.json, measured) cost and
+accuracy."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,50 +235,43 @@ def _reasons(best, runner, rows, tasks, budget_gb, priority, measured) -> list[s
     return out
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="as for `tunelab train` (its config is read)")
-    p.add_argument("--tasks", type=int, default=1, help="how many tasks will be served")
-    p.add_argument("--memory-gb", type=float, required=True, help="memory for training, GB")
-    p.add_argument("--priority", default="accuracy", choices=PRIORITIES)
-    p.add_argument(
-        "--results",
-        type=Path,
-        default=None,
-        help="a `tunelab compare` folder or its results.json: rank by the accuracy measured "
-        "there (means, 95%% intervals and ties when it kept per-row scores)",
-    )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per training row")
+@dataclass
+class Advice:
+    """A recommendation: the method, a runner-up, the reasons, and every method's row in
+    ranked order (train_gb, serve_gb, fits, accuracy or prior_gap, note)."""
+
+    recommended: str
+    runner_up: str | None
+    reasons: list[str]
+    table: list[dict]
+    shape: Shape  # the model's, read from its config
+    measured: bool  # ranked by a comparison's measured accuracy (else the shipped evidence)
 
 
-def run(args: argparse.Namespace) -> None:
-    """Recommend a method (and a runner-up, with reasons) for your resources and tasks."""
+def advise(
+    model: str | None = None,
+    *,
+    memory_gb: float,
+    tasks: int = 1,
+    priority: str = "accuracy",
+    results: Path | None = None,
+    batch_size: int = 8,
+    seq_len: int = 128,
+) -> Advice:
+    """Recommend a method for a model (its config is read), a number of tasks to serve, a
+    memory budget for training and a priority; with `results` (a compare folder or its
+    results.json), by the accuracy measured there."""
     from transformers import AutoConfig
 
     from tunelab.models.load import resolve
 
-    if args.tasks < 1:
-        raise TunelabError(f"--tasks must be >= 1, got {args.tasks}")
-    _, where = resolve(args.model)
+    if tasks < 1:
+        raise TunelabError(f"--tasks must be >= 1, got {tasks}")
+    _, where = resolve(model)
     shape = Shape.from_config(AutoConfig.from_pretrained(where))
-    measured = _read_measured(args.results) if args.results else None
-    advice = recommend(
-        shape, args.tasks, args.memory_gb, args.priority, args.batch_size, args.seq_len, measured
-    )
-    print(f"model: {shape.parameters / 1e6:.0f}M parameters, {shape.layers} layers")
-    print(f"recommended: {advice['recommended']}")
-    print(f"runner-up: {advice['runner_up']}")
-    for reason in advice["reasons"]:
-        print(f"  - {reason}")
-    label = "accuracy" if measured else "vs best"
-    print(f"\n{'method':<14}{label:>9}{'train GB':>10}{'serve GB':>10}  fits  why here")
-    for r in advice["table"]:
-        value = r["accuracy"] if measured else r["prior_gap"]
-        shown = "—" if value is None else f"{value:+.3f}" if not measured else f"{value:.4f}"
-        print(
-            f"{r['method']:<14}{shown:>9}{r['train_gb']:>10.2f}{r['serve_gb']:>10.2f}  "
-            f"{'yes ' if r['fits'] else 'no  '}  {r['note'] or ''}"
-        )
+    measured = _read_measured(Path(results)) if results else None
+    found = recommend(shape, tasks, memory_gb, priority, batch_size, seq_len, measured)
+    return Advice(**found, shape=shape, measured=bool(measured))
 
 
 def _read_measured(path: Path) -> dict[str, dict]:

@@ -1,4 +1,5 @@
-"""`tunelab compare`: every method on the same data, budget and seeds, each run in its own process.
+"""A comparison: every method on the same data, budget and seeds, each run in its own process
+(what `tunelab compare` and `tunelab.compare` do).
 
 With `--tune N` the comparison is fair in the way the field asks for (LM-BFF; PEFT's method
 comparison): each trained method first gets the same search (N trials of the same steps,
@@ -8,106 +9,24 @@ gives each method's interval and whether it is tied with the best (compare/stats
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tunelab import methods
 from tunelab.compare import runs
 from tunelab.compare.runs import BASELINES
 from tunelab.compare.search import PRUNERS, STUDY_FILE, Search, best_trial, space
 from tunelab.errors import TunelabError
+from tunelab.methods import CONFIGS, METHODS
 from tunelab.models import DEFAULT_MODEL
 from tunelab.train.checkpoint import write_json
 
 DEFAULT_METHODS = "zero-shot,in-context,prompt-tuning,prefix,lora,freeze,head,full,hybrid"
 OURS = ("results.json", "report.md", "report.html", STUDY_FILE, "trials", runs.LABEL_WORDS)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="task YAML file, or a built-in task: demo")
-    p.add_argument(
-        "--methods",
-        default=DEFAULT_METHODS,
-        help=f"comma-separated, run in this order (default: {DEFAULT_METHODS})",
-    )
-    p.add_argument(
-        "--out",
-        required=True,
-        type=Path,
-        help="folder for the runs, results.json, report.md and report.html",
-    )
-    p.add_argument("--model", default=None, help="as for `tunelab train`")
-    p.add_argument(
-        "--seeds",
-        default=None,
-        help="comma-separated training seeds; 2+ give mean and spread "
-        "(default: 42; with --tune: 1,2,3)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="training settings for every trained method (steps, batch_size, bf16, ...)",
-    )
-    p.add_argument(
-        "--eval-split",
-        default=None,
-        help="the split every method is scored on (default: test, else validation)",
-    )
-    p.add_argument("--demos", type=int, default=1, help="demonstrations per class for in-context")
-    p.add_argument("--limit", type=int, default=None, help="score on the first N rows only")
-    p.add_argument(
-        "--calibrate",
-        action="store_true",
-        help="also score every method with contextual calibration (as the task key "
-        "`calibrate: content-free`): the report shows the calibrated accuracy beside the plain",
-    )
-    p.add_argument(
-        "--label-words",
-        default="task",
-        choices=("task", "auto"),
-        help="auto: first search label words on the training rows (`tunelab label-words`) and "
-        "give every method that verbalizer (default: the task's own)",
-    )
-    p.add_argument(
-        "--tune",
-        type=int,
-        default=0,
-        metavar="N",
-        help="first search each trained method's settings with N trials (the same N and steps "
-        "for every method, chosen on the validation split), then train its best and its "
-        "default settings on every seed",
-    )
-    p.add_argument(
-        "--search",
-        default="",
-        help="with --tune: up to two knobs to search besides the learning rate, comma-separated "
-        "(num_virtual_tokens, init, reparameterize, r, weight_decay), each where the method "
-        "has it",
-    )
-    p.add_argument(
-        "--prune",
-        default="median",
-        choices=PRUNERS,
-        help="with --tune: stop trials whose validation curve trails (default: median)",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep runs and trials already finished, continue interrupted ones, retry failed ones",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh in an --out that holds an earlier comparison (deletes it)",
-    )
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -141,100 +60,201 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run(args: argparse.Namespace) -> None:
-    """Train and score every method on the same data, budget and seeds; with --tune, each at
-    its own best settings too. Writes results.json, report.md and report.html."""
-    from tunelab.tasks import load_task
-    from tunelab.train.config import TrainConfig, apply_overrides
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
-    task = load_task(args.task)  # bad task files fail here, once, not in every child
+
+@dataclass
+class Comparison:
+    """A checked comparison request (`tunelab compare`'s options, typed)."""
+
+    task: object  # TaskSpec
+    task_ref: str  # the task file (or built-in name) every run reads
+    methods: list[str]
+    out: Path
+    seeds: list[int]
+    train_cfg: object  # TrainConfig: the training settings every trained method shares
+    knobs: dict  # method -> the knobs its search tries (with --tune)
+    settings: list[str] = field(default_factory=list)  # the --set pairs, as given
+    model: str | None = None
+    eval_split: str | None = None
+    demos: int = 1
+    limit: int | None = None
+    calibrate: bool = False
+    label_words: str = "task"
+    tune: int = 0
+    search: str = ""
+    prune: str = "median"
+    resume: bool = False
+    overwrite: bool = False
+    command: str = ""  # recorded in results.json
+
+    @property
+    def trained(self) -> list[str]:
+        return [m for m in self.methods if m not in BASELINES]
+
+
+@dataclass
+class CompareResult:
+    """What a comparison returns: results.json's contents and where the files are."""
+
+    out: Path
+    results: dict  # results.json (SCHEMA.md)
+    results_file: Path
+    reports: tuple[Path, Path]  # report.md, report.html
+
+    def rows(self) -> list[dict]:
+        """The report's rows: per method, its mean, interval and verdict (compare/summary.py)."""
+        from tunelab.compare.summary import summarise
+
+        return summarise(self.results)
+
+    def table(self) -> str:
+        """A few columns of the report, as `tunelab compare` prints them."""
+        return summary_table(self.results)
+
+
+def make_comparison(
+    task_ref: str,
+    *,
+    methods: str | list[str] = DEFAULT_METHODS,
+    seeds: str | list[int] | None = None,
+    settings: list[str] = (),
+    tune: int = 0,
+    search: str | list[str] = "",
+    label_words: str = "task",
+    prune: str = "median",
+    say: Callable[[str], None] = print,
+    **options,
+) -> Comparison:
+    """Check a request before any run: the task (read once here, not in every child), the
+    methods, seeds, settings and search. `methods`, `seeds` and `search` may be lists or
+    comma-separated text as on the command line."""
+    from tunelab.tasks import load_task
+    from tunelab.train.config import TrainConfig, apply_settings, parse_pairs
+
+    task = load_task(task_ref)  # bad task files fail here, once, not in every child
     if task.filter:  # of train and validation only: each run reads its reported split
         from tunelab.tasks.data import filter_summary, load_splits
 
         filtered: dict = {}
         load_splits(task, {task.validation.split}, filtered)
-        print("\n".join(filter_summary(filtered)))
-    if args.calibrate:
+        say("\n".join(filter_summary(filtered)))
+    if options.get("calibrate"):
         from tunelab.evaluate.calibrate import refuse_generation
 
         refuse_generation(task)
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for name in names:
-        if name not in BASELINES and name not in methods.METHODS:
-            known = ", ".join([*BASELINES, *methods.METHODS])
-            raise TunelabError(f"--methods {name}: unknown method (known: {known})")
-    seeds = parse_seeds(args.seeds or ("1,2,3" if args.tune else "42"))
-    if args.tune < 0:
-        raise TunelabError(f"--tune must be >= 1 trials, got {args.tune}")
-    extra = [k.strip() for k in args.search.split(",") if k.strip()]
-    if extra and not args.tune:
-        raise TunelabError("--search needs --tune N")
-    if args.label_words == "auto" and task.is_generation:
+    names, seeds, search = check_methods_and_search(methods, seeds, tune, search)
+    extra = [k.strip() for k in search.split(",") if k.strip()]
+    if label_words not in ("task", "auto"):
+        raise TunelabError(f"--label-words must be task or auto, got {label_words!r}")
+    if label_words == "auto" and task.is_generation:
         raise TunelabError(
             f"--label-words auto: {task.name} is a generation task; label words are for "
             "classification tasks"
         )
+    if prune not in PRUNERS:
+        raise TunelabError(f"--prune must be one of {', '.join(PRUNERS)}, got {prune!r}")
     # reject unknown keys and bad values up front; each method gets the keys it understands
-    train_cfg, *_ = apply_overrides(
-        args.set, TrainConfig(), *(c() for c in methods.CONFIGS.values())
+    train_cfg, *_ = apply_settings(
+        parse_pairs(list(settings)), TrainConfig(), *(c() for c in CONFIGS.values())
     )
-    trained = [m for m in names if m not in BASELINES]
-    knobs = {m: space(m, extra) for m in trained}
-    prepare_out(args.out, args.resume, args.overwrite)
-    task_ref = args.task
-    verbalizer = None if task.is_generation else {"source": "task", "words": task.verbalizer}
-    if args.label_words == "auto":  # every method below reads the task with the proposal
-        verbalizer = runs.run_label_words(args.task, args.model, args.out, args.resume)
-        task_ref = verbalizer["task_file"]
-        words = ", ".join(f"{label}: {w[0]}" for label, w in verbalizer["words"].items())
-        print(
-            f"label words: {words} (training accuracy {verbalizer['training_accuracy']:.4f}, "
-            f"the task's own {verbalizer['task_training_accuracy']:.4f}); task file {task_ref}",
-            file=sys.stderr,
-        )
-    common = runs.common_args(task_ref, args.model, args.limit)
+    knobs = {m: space(m, extra) for m in names if m not in BASELINES}
+    return Comparison(
+        task, str(task_ref), names, Path(options.pop("out")), seeds, train_cfg, knobs,
+        list(settings), tune=tune, search=search, label_words=label_words, prune=prune,
+        **options,
+    )  # fmt: skip
 
+
+def check_methods_and_search(methods, seeds, tune: int, search) -> tuple[list, list, str]:
+    """(method names, seeds, search knobs as text), from lists or comma-separated text."""
+    if isinstance(methods, str):
+        methods = methods.split(",")
+    names = [m.strip() for m in methods if m.strip()]
+    for name in names:
+        if name not in BASELINES and name not in METHODS:
+            known = ", ".join([*BASELINES, *METHODS])
+            raise TunelabError(f"--methods {name}: unknown method (known: {known})")
+    if seeds is None or isinstance(seeds, str):
+        seeds = parse_seeds(seeds or ("1,2,3" if tune else "42"))
+    if tune < 0:
+        raise TunelabError(f"--tune must be >= 1 trials, got {tune}")
+    search = search if isinstance(search, str) else ",".join(search)
+    if any(k.strip() for k in search.split(",")) and not tune:
+        raise TunelabError("--search needs --tune N")
+    return names, list(seeds), search
+
+
+def run_comparison(
+    c: Comparison, log: Callable[[str], None] = _stderr, echo: bool = True
+) -> CompareResult:
+    """Train and score every method on the same data, budget and seeds; with `tune`, each at
+    its own best settings too. Writes results.json, report.md and report.html into c.out.
+    `log` gets the runs' progress lines; `echo` passes the runs' own progress bars through."""
+    prepare_out(c.out, c.resume, c.overwrite)
+    task_ref, verbalizer = choose_verbalizer(c, log, echo)
     tuning = {}
-    if args.tune:  # selection first, on validation only; the reported split is read after
-        for method in trained:
-            tuning[method] = tune_method(method, args, task_ref, train_cfg, knobs[method], seeds[0])
-
-    records = []
-    jobs = _jobs(names, seeds, tuning)
-    for i, (method, config, seed, params) in enumerate(jobs, start=1):
-        tag = f"[{i}/{len(jobs)}] {method}{' tuned' if config == 'tuned' else ''} seed {seed}"
-        run_dir = args.out / (f"{method}-tuned-seed{seed}" if config == "tuned" else
-                              f"{method}-seed{seed}")  # fmt: skip
-        record = _one_run(method, seed, params, run_dir, common, args, tag)
-        records.append({**record, "config": config, "params": params})
-
-    results = _results(task, args, train_cfg, seeds, records, tuning, verbalizer)
-    write_json(results, args.out / "results.json")
+    if c.tune:  # selection first, on validation only; the reported split is read after
+        for method in c.trained:
+            tuning[method] = tune_method(method, c, task_ref, c.knobs[method], c.seeds[0], log)
+    records = run_all(c, runs.common_args(task_ref, c.model, c.limit), tuning, log, echo)
+    results = _results(c, records, tuning, verbalizer)
+    write_json(results, c.out / "results.json")
     from tunelab.compare.report import write_reports
 
-    md, html = write_reports(results, args.out)
-    print(summary_table(results))
-    print(f"results: {args.out / 'results.json'}\nreport: {md}\nreport: {html}")
+    reports = write_reports(results, c.out)
+    return CompareResult(c.out, results, c.out / "results.json", reports)
 
 
-def tune_method(method: str, args, task_ref: str, train_cfg, knobs, seed: int) -> dict:
+def choose_verbalizer(c: Comparison, log, echo: bool) -> tuple[str, dict | None]:
+    """(the task file every run reads, what results.json records as `verbalizer`): the task's
+    own label words, or with label_words=auto the ones searched on the training rows."""
+    if c.label_words != "auto":
+        words = None if c.task.is_generation else {"source": "task", "words": c.task.verbalizer}
+        return c.task_ref, words
+    # every method below reads the task with the proposal
+    verbalizer = runs.run_label_words(c.task_ref, c.model, c.out, c.resume, log, echo)
+    words = ", ".join(f"{label}: {w[0]}" for label, w in verbalizer["words"].items())
+    log(
+        f"label words: {words} (training accuracy {verbalizer['training_accuracy']:.4f}, "
+        f"the task's own {verbalizer['task_training_accuracy']:.4f}); task file "
+        f"{verbalizer['task_file']}"
+    )
+    return verbalizer["task_file"], verbalizer
+
+
+def run_all(c: Comparison, common: list[str], tuning: dict, log, echo: bool) -> list[dict]:
+    """Every run in order (compare/runs.py), each in its own process; their records."""
+    records = []
+    jobs = _jobs(c.methods, c.seeds, tuning)
+    for i, (method, config, seed, params) in enumerate(jobs, start=1):
+        tag = f"[{i}/{len(jobs)}] {method}{' tuned' if config == 'tuned' else ''} seed {seed}"
+        run_dir = c.out / (f"{method}-tuned-seed{seed}" if config == "tuned" else
+                           f"{method}-seed{seed}")  # fmt: skip
+        record = _one_run(method, seed, params, run_dir, common, c, tag, log, echo)
+        records.append({**record, "config": config, "params": params})
+    return records
+
+
+def tune_method(method: str, c: Comparison, task_ref: str, knobs, seed: int, log=_stderr) -> dict:
     """One method's search on the task file `task_ref`; what results.json keeps of it."""
     search = Search(
         method=method,
-        out=args.out,
-        n_trials=args.tune,
-        steps=train_cfg.steps,
+        out=c.out,
+        n_trials=c.tune,
+        steps=c.train_cfg.steps,
         train_args=[
-            *runs.common_args(task_ref, args.model, None),
-            *[x for kv in runs.settings_for(method, args.set) for x in ("--set", kv)],
+            *runs.common_args(task_ref, c.model, None),
+            *[x for kv in runs.settings_for(method, c.settings) for x in ("--set", kv)],
         ],
         knobs=knobs,
         seed=seed,
-        pruner=args.prune,
-        eval_every=train_cfg.eval_every,
+        pruner=c.prune,
+        eval_every=c.train_cfg.eval_every,
     )
     start = time.perf_counter()
-    found = search.run(resume=args.resume, log=lambda m: print(m, file=sys.stderr))
+    found = search.run(resume=c.resume, log=log)
     best = best_trial(found)
     default = next((t for t in found if t.number == 0), None)
     return {
@@ -264,34 +284,29 @@ def _jobs(names, seeds, tuning) -> list[tuple[str, str, int, dict]]:
     return jobs
 
 
-def _one_run(method, seed, params, run_dir: Path, common, args, tag: str) -> dict:
+def _one_run(method, seed, params, run_dir: Path, common, c: Comparison, tag: str, log,
+             echo: bool) -> dict:  # fmt: skip
     record_file = run_dir / "record.json"
-    if args.resume and record_file.is_file():
+    if c.resume and record_file.is_file():
         kept = json.loads(record_file.read_text())
         if kept.get("status") == "ok":
-            print(f"{tag}: done before, kept", file=sys.stderr)
+            log(f"{tag}: done before, kept")
             return kept
-        print(f"{tag}: failed before ({kept.get('error')}), trying again", file=sys.stderr)
+        log(f"{tag}: failed before ({kept.get('error')}), trying again")
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(tag, file=sys.stderr)
+    log(tag)
     start = time.perf_counter()
     try:
         if method in BASELINES:
             record = runs.run_baseline(
-                method, common, args.eval_split, args.demos, run_dir, args.calibrate
+                method, common, c.eval_split, c.demos, run_dir, c.calibrate, echo
             )
         else:
-            settings = [*args.set, *(f"{k}={v}" for k, v in params.items())]
+            settings = [*c.settings, *(f"{k}={v}" for k, v in params.items())]
             record = runs.run_trained(
-                method,
-                seed,
-                common,
-                settings,
-                args.eval_split,
-                run_dir,
-                args.resume,
-                args.calibrate,
-            )
+                method, seed, common, settings, c.eval_split, run_dir, c.resume, c.calibrate,
+                echo,
+            )  # fmt: skip
     except (OSError, KeyError, ValueError) as e:  # a run that left unreadable results
         record = {"status": "failed", "error": f"{run_dir}: unreadable results: {e!r}"}
     record = {
@@ -302,15 +317,13 @@ def _one_run(method, seed, params, run_dir: Path, common, args, tag: str) -> dic
         "artifact": str(run_dir),
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
-    print(
-        f"{tag}: {record['status']}" + (f" ({record['error']})" if record["error"] else ""),
-        file=sys.stderr,
-    )
+    log(f"{tag}: {record['status']}" + (f" ({record['error']})" if record["error"] else ""))
     write_json(record, record_file)
     return record
 
 
-def _results(task, args, train_cfg, seeds, records, tuning, verbalizer=None) -> dict:
+def _results(c: Comparison, records, tuning, verbalizer=None) -> dict:
+    """results.json (SCHEMA.md)."""
     from tunelab.artifact import versions
 
     ok = [r for r in records if r["status"] == "ok"]
@@ -336,18 +349,19 @@ def _results(task, args, train_cfg, seeds, records, tuning, verbalizer=None) -> 
     )
     for r in records:
         r.setdefault("total_parameters", base)  # the baselines run the backbone as it is
+    task, train_cfg = c.task, c.train_cfg
     rows_per_step = train_cfg.batch_size * train_cfg.grad_accum
     return {
         "format": 2,
         "task": task.name,
         "task_kind": "generation" if task.is_generation else "classification",
-        "split": next((r["split"] for r in ok), args.eval_split),
+        "split": next((r["split"] for r in ok), c.eval_split),
         "metric": runs.headline_metric(task),
         # records' metrics hold `accuracy_calibrated` too (content-free calibration)
-        "calibrate": bool(args.calibrate or task.calibrate),
+        "calibrate": bool(c.calibrate or task.calibrate),
         "verbalizer": verbalizer,
         "model": {
-            "name": args.model or DEFAULT_MODEL,
+            "name": c.model or DEFAULT_MODEL,
             "fingerprint": fingerprint,
             "parameters": base,
         },
@@ -355,15 +369,15 @@ def _results(task, args, train_cfg, seeds, records, tuning, verbalizer=None) -> 
             "steps": train_cfg.steps,
             "batch_size": train_cfg.batch_size,
             "grad_accum": train_cfg.grad_accum,
-            "seeds": seeds,
-            "settings": args.set,
-            "trials": args.tune,
-            "search": args.search or None,
-            "pruner": args.prune if args.tune else None,
+            "seeds": c.seeds,
+            "settings": c.settings,
+            "trials": c.tune,
+            "search": c.search or None,
+            "pruner": c.prune if c.tune else None,
             # what every method's search was given: trials x steps x rows per step
-            "search_examples": args.tune * train_cfg.steps * rows_per_step,
+            "search_examples": c.tune * train_cfg.steps * rows_per_step,
         },
-        "command": "tunelab " + shlex.join(args.argv),
+        "command": c.command,
         "machine": runs.machine(),
         "versions": versions(),
         "tuning": tuning,

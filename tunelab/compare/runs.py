@@ -23,9 +23,10 @@ HEADLINE_KEYS = (
 )  # fmt: skip
 
 
-def run_child(args: list[str], log: Path) -> tuple[int, float, str]:
-    """Run `python -m tunelab ARGS`; stream its stderr (progress bars) to ours, stdout to `log`.
-    Returns (exit code, peak RSS in MB of that process alone, its last stderr line)."""
+def run_child(args: list[str], log: Path, echo: bool = True) -> tuple[int, float, str]:
+    """Run `python -m tunelab ARGS`; stream its stderr (progress bars) to ours (unless not
+    `echo`), stdout to `log`. Returns (exit code, peak RSS in MB of that process alone, its last
+    stderr line)."""
     cmd = [sys.executable, "-m", "tunelab", *args]
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
@@ -33,8 +34,9 @@ def run_child(args: list[str], log: Path) -> tuple[int, float, str]:
 
         def tee() -> None:
             for chunk in iter(lambda: proc.stderr.read1(4096), b""):
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.flush()
+                if echo:
+                    sys.stderr.buffer.write(chunk)
+                    sys.stderr.flush()
                 tail.extend(chunk)
                 del tail[:-4096]
 
@@ -45,6 +47,10 @@ def run_child(args: list[str], log: Path) -> tuple[int, float, str]:
         reader.join()
     lines = [x for x in tail.decode(errors="replace").replace("\r", "\n").splitlines() if x.strip()]
     return proc.returncode, usage.ru_maxrss / 1024, lines[-1] if lines else ""
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def settings_for(method: str, pairs: list[str]) -> list[str]:
@@ -86,6 +92,7 @@ def run_baseline(
     demos: int,
     run_dir: Path,
     calibrate: bool = False,
+    echo: bool = True,
 ):
     """zero-shot or in-context (`demos` per class): the untrained model, scored (calibrated
     too, beside the plain scores, with `calibrate` or where the task says so)."""
@@ -94,7 +101,7 @@ def run_baseline(
     cli += ["--demos", str(demos if method == "in-context" else 0)]
     cli += ["--calibrate"] if calibrate else []
     cli += ["--split", split] if split else []
-    code, rss, last = run_child(cli, run_dir / "run.log")
+    code, rss, last = run_child(cli, run_dir / "run.log", echo)
     if code != 0:
         return {"status": "failed", "error": last}
     m = json.loads(metrics_file.read_text())
@@ -115,7 +122,9 @@ def run_baseline(
     }
 
 
-def run_label_words(task: str, model: str | None, out: Path, resume: bool) -> dict:
+def run_label_words(
+    task: str, model: str | None, out: Path, resume: bool, log=None, echo: bool = True
+) -> dict:
     """`--label-words auto`: `tunelab label-words` on the task's training rows, in its own
     process; it writes the task with the proposal (`label-words/task.yaml`), which every method
     then reads. Returns what results.json records as `verbalizer`."""
@@ -123,10 +132,10 @@ def run_label_words(task: str, model: str | None, out: Path, resume: bool) -> di
     task_file, found_file = folder / "task.yaml", folder / "search.json"
     if not (resume and task_file.is_file() and found_file.is_file()):
         folder.mkdir(parents=True, exist_ok=True)
-        print("label words: searching the training rows", file=sys.stderr)
+        (log or _stderr)("label words: searching the training rows")
         cli = ["label-words", "--task", str(task), "--out", str(task_file)]
         cli += ["--json", str(found_file), *(["--model", model] if model else [])]
-        code, _, last = run_child(cli, folder / "run.log")
+        code, _, last = run_child(cli, folder / "run.log", echo)
         if code != 0:
             raise TunelabError(f"--label-words auto: the search failed: {last}")
     found = json.loads(found_file.read_text())
@@ -151,6 +160,7 @@ def run_trained(
     run_dir: Path,
     resume: bool,
     calibrate: bool = False,
+    echo: bool = True,
 ) -> dict:
     """Train `method` with `settings` (--set pairs, later ones win) and score it on `split`
     (calibrated too, with `calibrate` or where the task says so)."""
@@ -163,7 +173,7 @@ def run_trained(
     if not (resume and finished):
         if resume and (run_dir / "checkpoints" / "last.safetensors").is_file():
             cli.append("--resume")
-        code, _, last = run_child(cli, run_dir / "run.log")
+        code, _, last = run_child(cli, run_dir / "run.log", echo)
         if code != 0:
             return {"status": "failed", "error": last}
     meta = json.loads((run_dir / "tunelab.json").read_text())

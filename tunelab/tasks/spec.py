@@ -394,8 +394,9 @@ def _resolve_path(value: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def load_task(ref: str | Path) -> TaskSpec:
-    """A task from a YAML file, or a built-in task by name (`demo`)."""
+def load_task(ref: str | Path, overrides: dict | None = None) -> TaskSpec:
+    """A task from a YAML file, or a built-in task by name (`demo`); `overrides` replace
+    top-level keys of the file (data paths in them are relative to the working directory)."""
     path = Path(ref)
     if not path.suffix and (BUILTIN_DIR / f"{ref}.yaml").is_file():
         path = BUILTIN_DIR / f"{ref}.yaml"
@@ -419,4 +420,8 @@ def load_task(ref: str | Path) -> TaskSpec:
     sql = raw.get("sql")
     if isinstance(sql, dict) and isinstance(sql.get("tables"), str):
         sql["tables"] = _resolve_path(sql["tables"], path.parent)
+    for key, value in (overrides or {}).items():
+        if key == "data" and isinstance(value, dict):
+            value = {str(k): _resolve_path(str(f), Path.cwd()) for k, f in value.items()}
+        raw[key] = value
     return TaskSpec.from_dict(raw, source=str(path), lines=lines)

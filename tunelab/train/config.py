@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
 import yaml
 
-from tunelab.errors import TunelabError
+from tunelab.errors import SettingError, TunelabError
 
 SCHEDULES = ("linear", "cosine", "constant")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -116,32 +117,65 @@ def _coerce(cls, name: str, raw: str, value):
                 pass
         if number is not None:
             if not math.isfinite(number):  # .nan, .inf, 1e400
-                raise TunelabError(f"--set {name}={raw}: expected a finite number")
+                raise SettingError(name, f"{name}={raw}: expected a finite number")
             return number
     elif "str" in kind:
         return raw
     else:
         return value
-    raise TunelabError(f"--set {name}={raw}: expected {kind.replace(' | None', '')}, got {raw!r}")
+    expected = kind.replace(" | None", "")
+    raise SettingError(name, f"{name}={raw}: expected {expected}, got {raw!r}")
 
 
 def apply_overrides(pairs: list[str], *configs):
-    """Apply `key=value` strings to whichever of the dataclass instances has that field."""
-    out = list(configs)
+    """Apply `key=value` strings (`--set`) to whichever of the dataclass instances has that
+    field."""
+    try:
+        return apply_settings(parse_pairs(pairs), *configs)
+    except SettingError as e:
+        raise TunelabError(f"--set {e}") from None
+
+
+def parse_pairs(pairs: list[str]) -> list[tuple[str, str]]:
+    """`--set key=value` strings as (key, text) pairs, in order."""
+    out = []
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep:
             raise TunelabError(f"--set {pair!r}: expected key=value")
+        out.append((key, raw))
+    return out
+
+
+def apply_settings(settings, *configs):
+    """Apply settings, a mapping or (key, value) pairs, to whichever of the dataclass instances
+    has that field; each value is a Python value, or text as written after `--set key=` (read as
+    YAML). Unknown keys and values of the wrong type raise SettingError naming the key."""
+    out = list(configs)
+    items = settings.items() if isinstance(settings, dict) else settings
+    for key, value in items:
+        raw = value if isinstance(value, str) else str(value)
+        if isinstance(value, str):
+            try:
+                parsed = yaml.safe_load(raw) if raw else ""
+            except yaml.YAMLError:  # e.g. a regular expression `modules=[`: text
+                parsed = raw
+        else:
+            parsed = value
         for i, cfg in enumerate(out):
             if key in {f.name for f in dataclasses.fields(cfg)}:
-                try:
-                    parsed = yaml.safe_load(raw) if raw else ""
-                except yaml.YAMLError:  # e.g. a regular expression `modules=[`: text
-                    parsed = raw
                 value = _coerce(type(cfg), key, raw, parsed)
                 out[i] = dataclasses.replace(cfg, **{key: value})  # re-runs __post_init__ checks
                 break
         else:
             known = sorted({f.name for cfg in out for f in dataclasses.fields(cfg)})
-            raise TunelabError(f"--set {key}: unknown setting (known: {', '.join(known)})")
+            raise SettingError(key, f"{key}: unknown setting (known: {', '.join(known)})")
     return out
+
+
+def setting_text(value) -> str:
+    """A Python setting as `--set` text that reads back as the same value (children of
+    `tunelab compare` get their settings on the command line)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)  # true, false, null, numbers and lists: YAML reads them back
