@@ -25,7 +25,7 @@ from tunelab.errors import TunelabError
 from tunelab.models import DEFAULT_MODEL
 from tunelab.train.checkpoint import write_json
 
-DEFAULT_METHODS = "zero-shot,in-context,prompt-tuning,prefix,lora,freeze,head,full,hybrid"
+DEFAULT_METHODS = ",".join([*BASELINES, *methods.METHODS])
 OURS = ("results.json", "report.md", "report.html", STUDY_FILE, "trials", runs.LABEL_WORDS)
 
 
@@ -310,6 +310,13 @@ def _one_run(method, seed, params, run_dir: Path, common, args, tag: str) -> dic
     return record
 
 
+def _adds_parts(method: str) -> bool:
+    """Whether a run's total parameters count its trainable ones beside the backbone's (a
+    baseline's are 0)."""
+    record = methods.find(method)
+    return record is None or record.adds_parts
+
+
 def _results(task, args, train_cfg, seeds, records, tuning, verbalizer=None) -> dict:
     from tunelab.artifact import versions
 
@@ -327,8 +334,7 @@ def _results(task, args, train_cfg, seeds, records, tuning, verbalizer=None) -> 
     # the backbone alone: methods that add parameters count them in their total
     base = next(
         (
-            r["total_parameters"]
-            - (0 if r["method"] in ("full", "freeze") else r["trainable_parameters"])
+            r["total_parameters"] - (r["trainable_parameters"] if _adds_parts(r["method"]) else 0)
             for r in ok
             if r.get("total_parameters")
         ),
