@@ -130,12 +130,12 @@ def test_stored_bias_round_trips_and_eval_applies_it(tiny_model_dir, tmp_path, c
 def test_an_artifact_without_a_stored_bias_is_measured_at_load(head_artifact):
     from tunelab.artifact import load_artifact
     from tunelab.evaluate.calibrate import measure, resolve
-    from tunelab.evaluate.cli import _pool
+    from tunelab.evaluate.loaded import pool
     from tunelab.tasks.prepared import PreparedTask
 
     tuned, task, meta, backbone = load_artifact(head_artifact)
     assert meta["calibration"] is None
-    prep = PreparedTask.load(task, backbone.tokenizer, splits={}, demo_pool=_pool(meta))
+    prep = PreparedTask.load(task, backbone.tokenizer, splits={}, demo_pool=pool(meta))
     assert resolve(tuned, prep, meta, on=False) is None
     cal = resolve(tuned, prep, meta, on=True)
     assert cal == measure(tuned, prep) and abs(cal.p_cf[0] - 0.5) > 1e-4

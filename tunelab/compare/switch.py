@@ -1,5 +1,6 @@
 """Task-switch time: in a process whose backbone is already loaded, how long it takes to make
-one artifact active and to answer one request with it.
+one artifact active and to answer one request with it, both the way users run them (`load`,
+then `predict`: the artifact's demonstrations, prompt length and calibration included).
 
     python -m tunelab.compare.switch ARTIFACT_DIR     # prints one JSON object
 """
@@ -14,39 +15,38 @@ from pathlib import Path
 import torch
 
 
+def example_input(task) -> dict:
+    """A request for the task: every input field filled (and, for text-to-SQL, a database
+    the task knows, whose schema the prompt then holds)."""
+    fields = {f: "an example input" for f in task.input_fields}
+    if task.sql is not None:
+        from tunelab.tasks.sql import tables_of
+
+        fields[task.sql.db_field] = next(iter(tables_of(task.sql.tables)))
+    return fields
+
+
 def measure(artifact: Path, repeats: int = 5) -> dict:
-    from tunelab.artifact import load_artifact, read_meta
-    from tunelab.evaluate.generate import greedy_generate
-    from tunelab.evaluate.predict import predict_logprobs
+    from tunelab.artifact import read_meta
+    from tunelab.evaluate.loaded import load
     from tunelab.models import load_backbone
-    from tunelab.tasks.encode import encode
-    from tunelab.tasks.readers import Record
-    from tunelab.tasks.template import placeholders
-    from tunelab.tasks.verbalizer import Verbalizer
+    from tunelab.train.loop import resolve_device
 
     meta = read_meta(artifact)
+    device = resolve_device("auto")
     backbone = load_backbone(meta["base_model"]["name"])  # not timed: already in memory
+    backbone.model.to(device)
     torch.set_grad_enabled(False)
     # a fresh backbone per repeat would cost a model load each; one activation is measured, as
     # the first switch is the one a server pays (later ones hit warm file caches)
     start = time.perf_counter()
-    tuned, task, _, _ = load_artifact(artifact, backbone)
+    model = load(artifact, backbone=backbone, device=device)
     activate_ms = (time.perf_counter() - start) * 1000
-    # every placeholder, derived ones too (a text-to-SQL task's {schema})
-    fields = {f: "an example input" for f in [*task.input_fields, *placeholders(task.template)]}
-    examples = encode(task, [Record(fields, "switch", 1)], backbone.tokenizer)
+    request = [example_input(model.task)]
     request_ms = []
     for _ in range(repeats):
         start = time.perf_counter()
-        if task.is_generation:
-            greedy_generate(tuned, examples, backbone.tokenizer, 8, task.generation.stop)
-        else:
-            predict_logprobs(
-                tuned,
-                examples,
-                Verbalizer.build(task, backbone.tokenizer),
-                backbone.tokenizer.pad_token_id,
-            )
+        model.predict(request)
         request_ms.append((time.perf_counter() - start) * 1000)
     return {"activate_ms": round(activate_ms, 3), "request_ms": round(min(request_ms), 3)}
 

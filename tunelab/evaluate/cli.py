@@ -3,71 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
-from tunelab.artifact import load_artifact
 from tunelab.errors import TunelabError
-from tunelab.evaluate import calibrate
+from tunelab.evaluate.loaded import distribution, load
 from tunelab.evaluate.metrics import format_confusion
-from tunelab.evaluate.predict import evaluate_split, predict_logprobs
 from tunelab.io import check_writable_dir, prepare_output_file
 from tunelab.methods.base import TunedLM
 from tunelab.models import load_backbone
 from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
-from tunelab.tasks.readers import Record
 from tunelab.tasks.template import render
 from tunelab.train.checkpoint import write_json
 from tunelab.train.loop import resolve_device
-
-# what an artifact fixes (so inference prompts exactly as training did) versus what --task may
-# change (which data to read)
-_PROMPT_KEYS = (
-    "template",
-    "input_fields",
-    "label_field",
-    "verbalizer",
-    "answer_prefix",
-    "demonstrations",
-    "target",
-    "generation",
-    "calibrate",
-    "content_free",
-)
-
-
-def _load(adapter: Path | None, model: str | None, device: str):
-    """(tuned model, task from the artifact or None, meta, backbone)."""
-    if adapter is None:
-        backbone = load_backbone(model)
-        tuned, task, meta = TunedLM(backbone.model), None, {}
-    else:
-        tuned, task, meta, backbone = load_artifact(
-            adapter, load_backbone(model) if model else None
-        )
-    tuned.to(resolve_device(device))
-    return tuned, task, meta, backbone
-
-
-def _pool(meta: dict) -> list[Record] | None:
-    """The rows an artifact drew demonstrations from (None when it used none)."""
-    rows = meta.get("demonstration_pool") or []
-    return [Record(f, "demonstration_pool", i) for i, f in enumerate(rows, start=1)] or None
-
-
-def _max_length(meta: dict) -> int:
-    """The prompt length the artifact was trained with (prompts are cut the same way)."""
-    return (meta.get("train_config") or {}).get("max_length", 512)
-
-
-def _distribution(labels: list[str], probs: list[float]) -> tuple[str, dict[str, float]]:
-    """The most probable label and every label's probability."""
-    best = labels[max(range(len(probs)), key=probs.__getitem__)]
-    return best, dict(zip(labels, (round(p, 6) for p in probs)))
 
 
 def _prediction_rows(prep, split: str, outputs):
@@ -79,7 +30,7 @@ def _prediction_rows(prep, split: str, outputs):
             row.update(gold=render(task.target, rec.fields).strip(), predicted=outputs[i])
         else:
             labels = prep.verbalizer.labels
-            best, dist = _distribution(labels, outputs[i].exp().tolist())
+            best, dist = distribution(labels, outputs[i].exp().tolist())
             row.update(
                 gold=labels[prep.examples(split)[i].label], predicted=best, probabilities=dist
             )
@@ -172,32 +123,19 @@ def run_eval(args: argparse.Namespace) -> None:
     if args.task is None and args.adapter is None:
         raise TunelabError("eval needs --task, --adapter, or both")
     _check_eval_args(args)
-    tuned, art_task, meta, backbone = _load(args.adapter, args.model, args.device)
-    task = load_task(args.task) if args.task else art_task
-    if art_task is not None and args.task:
-        task = dataclasses.replace(task, **{k: getattr(art_task, k) for k in _PROMPT_KEYS})
-        if task.sql is not None and art_task.sql is not None:  # the schema reads as trained
-            task.sql = dataclasses.replace(task.sql, schema_format=art_task.sql.schema_format)
-    if args.demos is not None:
-        task = dataclasses.replace(
-            task, demonstrations=dataclasses.replace(task.demonstrations, k=args.demos)
-        )
-    prep = PreparedTask.load(task, backbone.tokenizer, _max_length(meta), demo_pool=_pool(meta))
-    split = prep.eval_split(args.split)
-    prep.limit(split, args.limit)
-    cal = calibrate.resolve(
-        tuned,
-        prep,
-        meta,
-        calibrate.is_on(args.calibrate, task),
-        str(args.adapter / "tunelab.json") if args.adapter else "--calibrate",
-        batch_size=args.batch_size,
+    model = load(
+        args.adapter,
+        task=args.task,
+        model=args.model,
+        demos=args.demos,
+        device=args.device,
+        calibrate=args.calibrate,
         bf16=args.bf16,
+        batch_size=args.batch_size,
     )
-    metrics, outputs = evaluate_split(
-        tuned, prep, split, args.batch_size, bf16=args.bf16, calibration=cal
-    )
-    mode = meta.get("method") or ("in-context" if task.demonstrations.k else "zero-shot")
+    ev = model.evaluation(args.split, args.limit)
+    task, split, metrics, cal = model.task, ev.split, ev.metrics, ev.calibration
+    mode = model.method
     if task.sql is not None:
         print(
             f"{task.name} [{split}] {mode}: execution accuracy "
@@ -230,7 +168,7 @@ def run_eval(args: argparse.Namespace) -> None:
     if out is not None:
         tmp = out.with_name(f".{out.name}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            for row in _prediction_rows(prep, split, outputs):
+            for row in _prediction_rows(ev.prep, split, ev.outputs):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, out)
         print(f"predictions: {out}")
@@ -260,94 +198,19 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
-def _fields(task, text: str) -> dict | None:
-    """The input fields a TEXT gives as a JSON object of them, else None."""
-    if not text.lstrip().startswith("{"):
-        return None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if isinstance(obj, dict) and all(f in obj for f in task.input_fields):
-        return obj
-    return None
-
-
-def _record(task, text: str, i: int, json_input: bool = False) -> Record:
-    """One input: a JSON object of the task's fields, else plain text for a one-field task."""
-    fields = _fields(task, text)
-    if fields is None and json_input:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TunelabError(f"input {i}: not valid JSON ({e.msg}): {text[:80]!r}") from None
-        if not isinstance(obj, dict):
-            raise TunelabError(f"input {i}: expected a JSON object, got {text[:80]!r}")
-        missing = [f for f in task.input_fields if f not in obj]
-        raise TunelabError(f"input {i}: missing field {missing[0]!r}: {text[:80]!r}")
-    if fields is None:
-        if len(task.input_fields) > 1:
-            raise TunelabError(
-                f"input {i}: this task has input fields {', '.join(task.input_fields)}; give a "
-                f"JSON object of them per input, got {text[:80]!r}"
-            )
-        fields = {task.input_fields[0]: text}
-    for name in task.input_fields:
-        if fields[name] is None or isinstance(fields[name], (dict, list)):
-            raise TunelabError(
-                f"input {i}: field {name!r} must be text or a number, got {fields[name]!r:.80}"
-            )
-    return Record(fields, "input", i)
-
-
 def run_predict(args: argparse.Namespace) -> None:
     """The label and label probabilities (or the generated text) for each TEXT, from a trained
     artifact."""
     resolve_device(args.device)
-    tuned, task, meta, backbone = _load(args.adapter, args.model, args.device)
-    records = [_record(task, t, i, args.json_input) for i, t in enumerate(args.text, start=1)]
-    prep = PreparedTask.load(
-        task,
-        backbone.tokenizer,
-        _max_length(meta),
-        splits={"input": records},
-        demo_pool=_pool(meta),
-    )
-    examples = prep.examples("input")
-    source = str(args.adapter / "tunelab.json")
-    cal = calibrate.resolve(tuned, prep, meta, calibrate.is_on(args.calibrate, task), source)
-    if task.is_generation:
-        from tunelab.evaluate.generate import greedy_generate
-
-        texts = greedy_generate(
-            tuned,
-            examples,
-            backbone.tokenizer,
-            task.generation.max_new_tokens,
-            task.generation.stop,
-        )
-        for text, out in zip(args.text, texts):
-            print(
-                json.dumps({"input": text, "output": out}, ensure_ascii=False)
-                if args.json
-                else f"{out}\t{text}"
-            )
-        return
-    probs = predict_logprobs(tuned, examples, prep.verbalizer, backbone.tokenizer.pad_token_id)
-    if cal is not None:
-        probs = calibrate.apply(probs, cal)
-    labels = prep.verbalizer.labels
-    for text, row in zip(args.text, probs.exp().tolist()):
-        best, dist = _distribution(labels, row)
+    model = load(args.adapter, model=args.model, device=args.device, calibrate=args.calibrate)
+    for p in model.predict(args.text, args.json_input):
         if args.json:
-            print(
-                json.dumps(
-                    {"input": text, "label": best, "probabilities": dist}, ensure_ascii=False
-                )
-            )
+            print(json.dumps(p.to_dict(), ensure_ascii=False))
+        elif p.output is not None:
+            print(f"{p.output}\t{p.input}")
         else:
-            shown = "  ".join(f"{lab}={p:.3f}" for lab, p in dist.items())
-            print(f"{best}\t{shown}\t{text}")
+            shown = "  ".join(f"{lab}={q:.3f}" for lab, q in p.probabilities.items())
+            print(f"{p.label}\t{shown}\t{p.input}")
     sys.stdout.flush()
 
 
@@ -406,7 +269,8 @@ def run_label_words(args: argparse.Namespace) -> None:
     for option, path in (("--out", args.out), ("--json", args.json)):
         if path is not None:
             prepare_output_file(path, option)
-    tuned, _, _, backbone = _load(None, args.model, args.device)
+    backbone = load_backbone(args.model)
+    tuned = TunedLM(backbone.model).to(resolve_device(args.device))
     prep = PreparedTask.load(task, backbone.tokenizer, only={"train"})
     prep.limit("train", args.limit)
     found = search(tuned, prep, "train", args.top, args.candidates, args.batch_size)

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.calibrate import apply as calibrated
-from tunelab.evaluate.cli import _distribution
+from tunelab.evaluate.loaded import distribution
 from tunelab.serve.access import Keys, OutsideRoot, hide_root, resolve_under
 from tunelab.serve.batcher import Batcher, encode_inputs
 from tunelab.serve.forward import head_of
@@ -206,7 +206,7 @@ def _add_inference_routes(app: FastAPI, store, batcher, metrics, cfg: ServeConfi
             labels = entry.prep.verbalizer.labels
             results = []
             for row in logp.exp().tolist():
-                best, dist = _distribution(labels, row)
+                best, dist = distribution(labels, row)
                 results.append(Classified(label=best, probabilities=dist))
             return ClassifyResponse(task=req.task, results=results)
 

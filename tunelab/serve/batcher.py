@@ -16,12 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.errors import TunelabError
-from tunelab.evaluate.cli import _record
 from tunelab.serve.decode import generate_mixed
 from tunelab.serve.forward import classify_mixed
-from tunelab.tasks.encode import Example, encode
-from tunelab.tasks.readers import Record
+from tunelab.tasks.encode import Example
 
 
 def encode_inputs(entry, inputs: list) -> list[Example]:
@@ -29,24 +26,7 @@ def encode_inputs(entry, inputs: list) -> list[Example]:
 
     An input is a text (a task with one input field) or an object of field -> text.
     """
-    task = entry.task
-    records = []
-    for i, item in enumerate(inputs, start=1):
-        if isinstance(item, dict):
-            missing = [f for f in task.input_fields if f not in item]
-            if missing:
-                raise TunelabError(f"input {i}: missing field {missing[0]!r}")
-            records.append(Record({k: str(v) for k, v in item.items()}, "input", i))
-        else:
-            records.append(_record(task, item, i))
-    prep = entry.prep
-    for i, r in enumerate(records, start=1):
-        for k, v in r.fields.items():
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape
-                raise TunelabError(f"input {i}: field {k!r} is not valid Unicode text") from None
-    return encode(task, records, prep.tokenizer, prep.demos, prep.max_length)
+    return entry.model.encode(inputs)
 
 
 @dataclass

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from tunelab import methods
-from tunelab.artifact import load_artifact, read_meta
+from tunelab.artifact import read_meta
 from tunelab.errors import TunelabError
-from tunelab.evaluate.calibrate import is_on, resolve
-from tunelab.evaluate.cli import _max_length, _pool
+from tunelab.evaluate.calibrate import is_on
+from tunelab.evaluate.loaded import LoadedModel, load
 from tunelab.models import Backbone, load_backbone
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.tasks.spec import TaskSpec
@@ -62,15 +62,29 @@ class TaskEntry:
     name: str
     path: Path
     method: str
-    tuned: object  # TunedLM
-    prep: PreparedTask  # template, verbalizer, demonstration pool, max length; no data
-    backbone: Backbone
+    model: LoadedModel  # tuned model, prepared task (template, verbalizer, demonstrations, ...)
     shared: bool  # runs on the store's shared backbone (else on its own copy)
     source: str = "startup"  # its folder as clients see it (relative to the adapter root)
     added_bytes: int = 0  # parameter memory the load added (its tensors, its backbone copy)
     adapter: str | None = None  # its LoRA adapter's name inside the shared backbone
     head_cache: object = None  # models.head_cache.HeadCache, built on first use
-    calibration: object = None  # evaluate.calibrate.Calibration applied to its scores, or None
+
+    @property
+    def tuned(self):  # TunedLM
+        return self.model.tuned
+
+    @property
+    def prep(self) -> PreparedTask:  # no data: the prompts only
+        return self.model.prep
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.model.backbone
+
+    @property
+    def calibration(self):
+        """evaluate.calibrate.Calibration applied to its scores, or None."""
+        return self.model.calibration
 
     @property
     def task(self) -> TaskSpec:
@@ -159,7 +173,10 @@ class AdapterStore:
             self._loras += 1
             adapter = f"lora{self._loras}"
         try:
-            tuned, task, meta, backbone = load_artifact(path, backbone, lora_name=adapter)
+            # calibration waits for the entry: it is measured on the task's own adapter
+            model = load(
+                path, backbone=backbone, device=self.device, calibrate=False, lora_name=adapter
+            )
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             # a hand-edited tunelab.json or a tensor file that is not safetensors
             remove_adapter(self.backbone.model, adapter)
@@ -167,36 +184,24 @@ class AdapterStore:
         except TunelabError:
             remove_adapter(self.backbone.model, adapter)  # e.g. its shapes were refused
             raise
-        tuned.to(self.device).eval()
-        prep = PreparedTask.load(
-            task, backbone.tokenizer, _max_length(meta), splits={}, demo_pool=_pool(meta)
-        )
-        entry = TaskEntry(
-            name, path, meta["method"], tuned, prep, backbone, shared, source, added, adapter
-        )
+        entry = TaskEntry(name, path, meta["method"], model, shared, source, added, adapter)
         try:
-            entry.calibration = self._calibration(entry, meta, calibrate)
+            self._calibrate(entry, calibrate)
         except TunelabError:
             remove_adapter(self.backbone.model, adapter)
             raise
         self.tasks[name] = entry
         return entry
 
-    def _calibration(self, entry: TaskEntry, meta: dict, calibrate: bool | None):
-        """The label bias to divide out of this task's scores, or None."""
+    def _calibrate(self, entry: TaskEntry, calibrate: bool | None) -> None:
+        """Set the label bias to divide out of this task's scores (or none)."""
         from tunelab.serve.forward import task_routing
 
         task = entry.task
         if calibrate is None and self.calibrate is not None:  # the server's, for every task
             calibrate = self.calibrate and not task.is_generation
         with task_routing(entry):  # a measurement runs on the task's own adapter
-            return resolve(
-                entry.tuned,
-                entry.prep,
-                meta,
-                is_on(calibrate, task),
-                str(entry.path / "tunelab.json"),
-            )
+            entry.model.set_calibration(is_on(calibrate, task))
 
     def _check_memory(self, name: str, path: Path, shared: bool) -> int:
         """The parameter bytes loading `path` would add; OverMemory if past the budget."""
