@@ -133,13 +133,10 @@ def load_artifact(path: Path, backbone: Backbone | None = None, lora_name: str |
             f"{backbone.fingerprint}"
         )
     try:
-        cfg = methods.CONFIGS[meta["method"]](**meta["method_config"])
+        cfg = methods.get(meta["method"]).config(**meta["method_config"])
     except TypeError as e:
         raise TunelabError(f"{path / META}: method_config: {e}") from None
-    if lora_name is not None and meta["method"] in ("lora", "hybrid"):
-        tuned = methods.get(meta["method"]).restore(backbone, cfg, path, adapter_name=lora_name)
-    else:
-        tuned = methods.get(meta["method"]).restore(backbone, cfg, path)
+    tuned = methods.get(meta["method"]).restore(backbone, cfg, path, lora_name or "default")
     task = TaskSpec.from_dict(meta["task"], source=str(path / META))
     return tuned, task, meta, backbone
 
@@ -147,9 +144,9 @@ def load_artifact(path: Path, backbone: Backbone | None = None, lora_name: str |
 def _check_meta(meta: dict, source: Path) -> None:
     """The keys loading reads, with the types it needs (a hand-edited file fails here)."""
     base = meta.get("base_model")
-    if meta.get("method") not in methods.CONFIGS:
+    if methods.find(meta.get("method")) is None:
         raise TunelabError(
-            f"{source}: method: expected one of {', '.join(methods.CONFIGS)}, "
+            f"{source}: method: expected one of {', '.join(methods.METHODS)}, "
             f"got {meta.get('method')!r}"
         )
     if not isinstance(base, dict) or not all(isinstance(base.get(k), str) for k in BASE_KEYS):

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab import methods
 from tunelab.compare.evidence import certainty, prior_gaps
 from tunelab.errors import TunelabError
 from tunelab.evaluate.metrics import headline
@@ -17,7 +18,6 @@ GB = 2**30
 # (benchmarks/RESULTS.md, "`tunelab advise`: memory estimate against measured peaks")
 RUNTIME_BYTES = 0.45 * GB
 PRIORITIES = ("accuracy", "cost", "flexibility")
-METHODS = ("prompt-tuning", "prefix", "lora", "freeze", "head", "full", "hybrid")
 
 
 @dataclass
@@ -45,26 +45,18 @@ class Shape:
         return cls(params, hidden, inter, layers, c.num_attention_heads, vocab, kv * head_dim)
 
 
-def trainable_parameters(s: Shape, method: str, r: int = 8, tokens: int = 20, top: int = 2) -> int:
-    block = (s.parameters - s.vocab * s.hidden) // s.layers
-    return {
-        "prompt-tuning": tokens * s.hidden,
-        "prefix": 10 * s.layers * 2 * s.hidden,
-        # all-linear LoRA: r * (in + out) per projection; 4 attention + 3 MLP per block
-        "lora": s.layers * r * (8 * s.hidden + 3 * (s.hidden + s.intermediate)),
-        "hybrid": s.layers * r * (8 * s.hidden + 3 * (s.hidden + s.intermediate))
-        + tokens * s.hidden,
-        "freeze": top * block,
-        "head": s.hidden * 8,
-        "full": s.parameters,
-    }[method]
+def trainable_parameters(s: Shape, method: str) -> int:
+    """What `method` trains on this model with its default config (its record says)."""
+    return methods.get(method).default_size(s)
 
 
 def training_memory(s: Shape, method: str, batch: int, length: int) -> dict[str, float]:
     """Bytes for weights, gradients, AdamW state and stored activations (fp32)."""
-    n = trainable_parameters(s, method)
+    record = methods.get(method)
+    cfg = record.config()  # the method's defaults
+    n = record.trainable_size(s, cfg)
     # `length` is a row's own tokens: a soft prompt runs once per batch (the shared head)
-    tokens = batch * length + (20 if method in ("prompt-tuning", "hybrid") else 0)
+    tokens = batch * length + record.prompt_tokens(cfg)
     # activations kept for backward, per token and layer: the inputs of the two norms, of the
     # attention projections and of o_proj, queries, keys and values, and the MLP's gate and up
     # outputs and down input (models/lean.py keeps no third tensor), plus attention
@@ -72,7 +64,7 @@ def training_memory(s: Shape, method: str, batch: int, length: int) -> dict[str,
     kv = s.kv_dim or s.hidden
     per_token = 6 * s.hidden + 2 * kv + 3 * s.intermediate
     per_layer = tokens * per_token + batch * s.heads * length**2
-    through = {"head": 0, "freeze": 2}.get(method, s.layers)  # layers gradients pass through
+    through = record.backprop_layers(s, cfg)  # layers gradients pass through
     return {
         "runtime": RUNTIME_BYTES,
         "weights": 4 * s.parameters,
@@ -85,7 +77,7 @@ def training_memory(s: Shape, method: str, batch: int, length: int) -> dict[str,
 def serving_memory(s: Shape, method: str, tasks: int) -> float:
     """Bytes to serve `tasks` tasks: one shared backbone plus per-task parts, or a copy each."""
     backbone = 4 * s.parameters
-    if method == "full":
+    if methods.get(method).every_weight:  # each task is a whole model: nothing is shared
         return tasks * backbone
     return backbone + tasks * 4 * trainable_parameters(s, method)
 
@@ -122,7 +114,7 @@ def recommend(
         raise TunelabError(f"--priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
     gaps = prior_gaps()
     rows = []
-    for m in METHODS:
+    for m in methods.METHODS:
         train = sum(training_memory(s, m, batch, length).values())
         score = _measured_score(measured[m]) if measured and m in measured else None
         if measured and score is None:
@@ -283,4 +275,5 @@ def _read_measured(path: Path) -> dict[str, dict]:
         results = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise TunelabError(f"{file}: cannot read results: {e}") from None
-    return {r["method"]: r for r in summarise(results) if r["seeds"] and r["method"] in METHODS}
+    rows = summarise(results)
+    return {r["method"]: r for r in rows if r["seeds"] and r["method"] in methods.METHODS}

@@ -12,8 +12,9 @@ from itertools import groupby
 from pathlib import Path
 
 from tunelab.compare.plots import Series, frontier, plot, si
+from tunelab.compare.runs import BASELINES
 from tunelab.compare.search import show_params
-from tunelab.compare.summary import UNTRAINED, VALIDATION, summarise, tuning_rows, winners
+from tunelab.compare.summary import VALIDATION, summarise, tuning_rows, winners
 
 SECONDARY = {
     "accuracy_calibrated": "Calibrated accuracy",  # content-free (evaluate/calibrate.py)
@@ -355,7 +356,7 @@ def _plots(results: dict, rows: list[dict]) -> list[str]:
     learning rate, one point per trial."""
     ok = [r for r in rows if r["seeds"]]
     base = {r["method"] for r in rows if not (r["trainable_parameters"] or 0) > 0}
-    base -= {r["method"] for r in rows if not r["seeds"] and r["method"] not in UNTRAINED}
+    base -= {r["method"] for r in rows if not r["seeds"] and r["method"] not in BASELINES}
     grey, pal = iter(GREYS * 9), iter(PALETTE * 9)
     colour = {r["method"]: next(grey if r["method"] in base else pal) for r in rows}
     for m in results.get("tuning") or {}:

@@ -21,11 +21,11 @@ from tunelab.compare import runs
 from tunelab.compare.runs import BASELINES
 from tunelab.compare.search import PRUNERS, STUDY_FILE, Search, best_trial, space
 from tunelab.errors import TunelabError
-from tunelab.methods import CONFIGS, METHODS
+from tunelab.methods import METHODS, find
 from tunelab.models import DEFAULT_MODEL
 from tunelab.train.checkpoint import write_json
 
-DEFAULT_METHODS = "zero-shot,in-context,prompt-tuning,prefix,lora,freeze,head,full,hybrid"
+DEFAULT_METHODS = ",".join([*BASELINES, *METHODS])
 OURS = ("results.json", "report.md", "report.html", STUDY_FILE, "trials", runs.LABEL_WORDS)
 
 
@@ -157,7 +157,7 @@ def make_comparison(
         raise TunelabError(f"--prune must be one of {', '.join(PRUNERS)}, got {prune!r}")
     # reject unknown keys and bad values up front; each method gets the keys it understands
     train_cfg, *_ = apply_settings(
-        parse_pairs(list(settings)), TrainConfig(), *(c() for c in CONFIGS.values())
+        parse_pairs(list(settings)), TrainConfig(), *(m.config() for m in METHODS.values())
     )
     knobs = {m: space(m, extra) for m in names if m not in BASELINES}
     return Comparison(
@@ -322,6 +322,13 @@ def _one_run(method, seed, params, run_dir: Path, common, c: Comparison, tag: st
     return record
 
 
+def _adds_parts(method: str) -> bool:
+    """Whether a run's total parameters count its trainable ones beside the backbone's (a
+    baseline's are 0)."""
+    record = find(method)
+    return record is None or record.adds_parts
+
+
 def _results(c: Comparison, records, tuning, verbalizer=None) -> dict:
     """results.json (SCHEMA.md)."""
     from tunelab.artifact import versions
@@ -340,8 +347,7 @@ def _results(c: Comparison, records, tuning, verbalizer=None) -> dict:
     # the backbone alone: methods that add parameters count them in their total
     base = next(
         (
-            r["total_parameters"]
-            - (0 if r["method"] in ("full", "freeze") else r["trainable_parameters"])
+            r["total_parameters"] - (r["trainable_parameters"] if _adds_parts(r["method"]) else 0)
             for r in ok
             if r.get("total_parameters")
         ),

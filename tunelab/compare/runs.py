@@ -15,6 +15,8 @@ from pathlib import Path
 from tunelab import methods
 from tunelab.errors import TunelabError
 
+# compared beside the methods, but not methods (nothing trains): the stock model scored by
+# `tunelab eval` without and with demonstrations
 BASELINES = ("zero-shot", "in-context")
 LABEL_WORDS = "label-words"  # the folder of --label-words auto's search
 HEADLINE_KEYS = (
@@ -60,7 +62,7 @@ def settings_for(method: str, pairs: list[str]) -> list[str]:
     from tunelab.train.config import TrainConfig
 
     known = {f.name for f in fields(TrainConfig)} | {
-        f.name for f in fields(methods.CONFIGS[method])
+        f.name for f in fields(methods.get(method).config)
     }
     return [kv for kv in pairs if kv.partition("=")[0] in known]
 

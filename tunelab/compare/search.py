@@ -45,44 +45,29 @@ class Knob:
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
 
 
-# Each method's learning rate(s), log-uniform over a range holding the values the literature
-# uses: prompt tuning up to 0.3 (Lester et al. 2021), prefix 1e-3..1e-1 (Li and Liang 2021,
-# P-tuning v2), LoRA 1e-5..3e-3 (Hu et al. 2021 and PEFT's examples), full fine-tuning
-# 3e-6..1e-4 (LM-BFF's grid 1e-5..5e-5 inside it).
-LEARNING_RATES: dict[str, tuple[Knob, ...]] = {
-    "prompt-tuning": (Knob("lr", 1e-3, 0.3, log=True),),
-    "prefix": (Knob("lr", 1e-3, 1e-1, log=True),),
-    "lora": (Knob("lr", 1e-5, 3e-3, log=True),),
-    "full": (Knob("lr", 3e-6, 1e-4, log=True),),
-    "freeze": (Knob("lr", 1e-5, 1e-3, log=True),),
-    "head": (Knob("lr", 1e-4, 3e-2, log=True),),
-    "hybrid": (Knob("lr", 1e-5, 3e-3, log=True), Knob("prompt_lr", 1e-3, 0.3, log=True)),
-}
-# knobs a user may add to the search (`--search`, at most two), and the methods they apply to
-EXTRA_KNOBS: dict[str, tuple[Knob, tuple[str, ...]]] = {
-    "num_virtual_tokens": (
-        Knob("num_virtual_tokens", choices=(5, 10, 20, 50)),
-        ("prompt-tuning", "prefix", "hybrid"),
-    ),
-    "init": (Knob("init", choices=("labels", "vocab", "random")), ("prompt-tuning", "hybrid")),
-    "reparameterize": (
-        Knob("reparameterize", choices=("none", "residual")),
-        ("prompt-tuning", "hybrid"),
-    ),
-    "r": (Knob("r", choices=(4, 8, 16, 32)), ("lora", "hybrid")),
-    "weight_decay": (Knob("weight_decay", choices=(0.0, 0.01, 0.1)), tuple(LEARNING_RATES)),
+# knobs a user may add to the search (`--search`, at most two); each method's record says which
+# it has (methods.Method.search_knobs), and which learning rates it searches over what range
+EXTRA_KNOBS: dict[str, Knob] = {
+    "num_virtual_tokens": Knob("num_virtual_tokens", choices=(5, 10, 20, 50)),
+    "init": Knob("init", choices=("labels", "vocab", "random")),
+    "reparameterize": Knob("reparameterize", choices=("none", "residual")),
+    "r": Knob("r", choices=(4, 8, 16, 32)),
+    "weight_decay": Knob("weight_decay", choices=(0.0, 0.01, 0.1)),
 }
 
 
 def space(method: str, extra: list[str]) -> tuple[Knob, ...]:
     """What a method's trials search: its learning rate(s) plus the asked-for knobs it has."""
+    from tunelab import methods
+
     unknown = [k for k in extra if k not in EXTRA_KNOBS]
     if unknown:
         raise TunelabError(f"--search {unknown[0]}: unknown knob (known: {', '.join(EXTRA_KNOBS)})")
     if len(extra) > 2:
         raise TunelabError(f"--search {','.join(extra)}: at most two knobs besides the lr")
-    own = tuple(EXTRA_KNOBS[k][0] for k in extra if method in EXTRA_KNOBS[k][1])
-    return LEARNING_RATES[method] + own
+    record = methods.get(method)
+    rates = tuple(Knob(key, low, high, log=True) for key, low, high in record.search_lr)
+    return rates + tuple(EXTRA_KNOBS[k] for k in extra if k in record.search_knobs)
 
 
 def defaults(method: str, knobs: tuple[Knob, ...], settings: list[str]) -> dict:
@@ -92,7 +77,7 @@ def defaults(method: str, knobs: tuple[Knob, ...], settings: list[str]) -> dict:
     from tunelab import methods
     from tunelab.train.config import TrainConfig, apply_overrides
 
-    train_cfg, method_cfg = apply_overrides(settings, TrainConfig(), methods.CONFIGS[method]())
+    train_cfg, method_cfg = apply_overrides(settings, TrainConfig(), methods.get(method).config())
     values = {**asdict(method_cfg), **{k: v for k, v in asdict(train_cfg).items() if v is not None}}
     return {k.name: values[k.name] for k in knobs}
 

@@ -8,13 +8,13 @@ import math
 import statistics
 
 from tunelab.compare import stats
+from tunelab.compare.runs import BASELINES
 
 FIELDS = (
     "trainable_parameters", "peak_memory_mb", "train_seconds", "train_examples_per_second",
     "eval_examples_per_second", "artifact_bytes", "task_switch_ms",
 )  # fmt: skip
 VALIDATION = ("validation_zero_shot", "validation_start", "best_validation")
-UNTRAINED = ("zero-shot", "in-context")
 PARETO_COSTS = ("trainable_parameters", "peak_memory_mb", "artifact_bytes", "train_seconds")
 
 
@@ -100,10 +100,10 @@ def _compare_with_best(rows: list[dict]) -> None:
     if not scored or len({len(r["scores"][0]) for r in scored}) != 1:
         return  # no per-row scores, or scored on different rows: nothing to pair
     best = max(scored, key=lambda r: r["metric"])
-    untrained = [r for r in scored if r["method"] in UNTRAINED]
+    untrained = [r for r in scored if r["method"] in BASELINES]
     base = max(untrained, key=lambda r: r["metric"]) if untrained else None
     for r in scored:
-        if base is not None and r["method"] not in UNTRAINED:  # what training bought
+        if base is not None and r["method"] not in BASELINES:  # what training bought
             r["over_untrained"] = (base["method"], stats.paired(r["scores"], base["scores"]))
         if r is best:
             r["verdict"] = "best"

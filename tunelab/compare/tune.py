@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> None:
         raise TunelabError(f"{task.source}: a search needs a validation split to select on")
     if args.trials < 1:
         raise TunelabError(f"--trials must be >= 1, got {args.trials}")
-    train_cfg, _ = apply_overrides(args.set, TrainConfig(), methods.CONFIGS[args.method]())
+    train_cfg, _ = apply_overrides(args.set, TrainConfig(), methods.get(args.method).config())
     extra = [k.strip() for k in args.search.split(",") if k.strip()]
     search = Search(
         method=args.method,

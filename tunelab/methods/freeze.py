@@ -62,6 +62,6 @@ def save_files(tuned: TunedLM, cfg, out: Path, base_path: str) -> None:
     save_trainable(tuned, out)
 
 
-def restore(backbone, cfg: FreezeConfig, out: Path) -> TunedLM:
+def restore(backbone, cfg: FreezeConfig, out: Path, adapter_name: str = "default") -> TunedLM:
     tuned = build(backbone, cfg, None)
     return load_trainable(tuned, out)

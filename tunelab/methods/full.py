@@ -28,6 +28,6 @@ def save_files(tuned: TunedLM, cfg, out: Path, base_path: str) -> None:
     save_trainable(tuned, out)
 
 
-def restore(backbone, cfg, out: Path) -> TunedLM:
+def restore(backbone, cfg, out: Path, adapter_name: str = "default") -> TunedLM:
     set_trainable(backbone.model, True)  # so every weight is looked for in the file
     return load_trainable(TunedLM(backbone.model, bos_id=backbone.tokenizer.bos_token_id), out)

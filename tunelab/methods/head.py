@@ -77,7 +77,7 @@ def save_files(tuned: TunedLM, cfg, out: Path, base_path: str) -> None:
     save_trainable(tuned, out)
 
 
-def restore(backbone, cfg: HeadConfig, out: Path) -> TunedLM:
+def restore(backbone, cfg: HeadConfig, out: Path, adapter_name: str = "default") -> TunedLM:
     from safetensors import safe_open
 
     path = out / TRAINABLE_FILE

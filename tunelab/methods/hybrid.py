@@ -64,10 +64,12 @@ class HybridConfig:
 
 def _core_settings(core: Path) -> lora.LoraSettings:
     """The LoRA settings a core artifact was trained with."""
+    from tunelab import methods
     from tunelab.artifact import read_meta
 
     meta = read_meta(core)
-    if meta["method"] not in ("lora", "hybrid"):
+    record = methods.find(meta["method"])
+    if record is None or not record.routes_rows:  # the methods with LoRA adapter layers
         raise TunelabError(f"core={core}: a {meta['method']!r} artifact; the core must be LoRA")
     fields = {k: meta["method_config"][k] for k in ("r", "alpha", "dropout", "target_modules")}
     return lora.LoraSettings(**fields)

@@ -146,7 +146,7 @@ def save_files(tuned: TunedLM, cfg: PrefixConfig, out: Path, base_path: str) -> 
     )
 
 
-def restore(backbone, cfg: PrefixConfig, out: Path) -> TunedLM:
+def restore(backbone, cfg: PrefixConfig, out: Path, adapter_name: str = "default") -> TunedLM:
     set_trainable(backbone.model, False)
     prefix = Prefix(backbone.model, cfg)
     path = out / ENCODER_WEIGHTS if (out / ENCODER_WEIGHTS).is_file() else out / ADAPTER_WEIGHTS

@@ -242,6 +242,6 @@ def save_files(tuned: TunedLM, cfg: PromptTuningConfig, out: Path, base_path: st
     save_prompt(tuned.prompt, tuned.model, cfg, out, base_path)
 
 
-def restore(backbone, cfg: PromptTuningConfig, out: Path) -> TunedLM:
+def restore(backbone, cfg: PromptTuningConfig, out: Path, adapter_name: str = "default") -> TunedLM:
     set_trainable(backbone.model, False)
     return TunedLM(backbone.model, load_prompt(backbone, cfg, out), backbone.tokenizer.bos_token_id)

@@ -101,7 +101,6 @@ class _BodyLimit:
 def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
     metrics = Metrics()
     batcher = Batcher(store.backbone.tokenizer.pad_token_id, cfg.window_ms, cfg.max_batch, metrics)
-    root = cfg.adapter_root
 
     @asynccontextmanager
     async def lifespan(app):
@@ -118,75 +117,89 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
     app.state.store, app.state.batcher, app.state.metrics = store, batcher, metrics
     app.state.config = cfg
 
-    def unauthorized() -> JSONResponse:
-        return JSONResponse({"detail": UNAUTHORIZED}, 401, headers={"WWW-Authenticate": "Bearer"})
-
     @app.middleware("http")
     async def auth(request: Request, call_next):
         if cfg.keys.inference and request.url.path not in OPEN_PATHS:
             if cfg.keys.role(request.headers.get("authorization")) is None:
-                return unauthorized()
+                return _unauthorized()
         return await call_next(request)
 
-    def require_admin(request: Request, action: str) -> None:
-        if not cfg.keys.admin:
+    _add_inference_routes(app, store, batcher, metrics, cfg)
+    _add_task_routes(app, store, batcher, cfg)
+    _add_status_routes(app, store, metrics)
+    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
+    return app
+
+
+def _unauthorized() -> JSONResponse:
+    return JSONResponse({"detail": UNAUTHORIZED}, 401, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _require_admin(cfg: ServeConfig, request: Request, action: str) -> None:
+    if not cfg.keys.admin:
+        raise HTTPException(
+            403,
+            f"{action} is off: start the server with an admin key (--admin-key-file FILE "
+            "or TUNELAB_ADMIN_KEY)",
+        )
+    role = cfg.keys.role(request.headers.get("authorization"))
+    if role is None:
+        raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+    if role != "admin":
+        raise HTTPException(403, f"{action} needs the admin key; this key may only infer")
+
+
+def _entry_for(store: AdapterStore, cfg: ServeConfig, name: str, kind: str, inputs: list):
+    """The loaded task `name` of this kind and its inputs encoded, or the HTTP error why not."""
+    entry = store.get(name)
+    if entry is None:
+        known = ", ".join(store.tasks) or "none"
+        raise HTTPException(404, f"unknown task {name!r} (loaded: {known})")
+    if entry.describe()["kind"] != kind:
+        other = "/v1/generate" if kind == "classification" else "/v1/classify"
+        raise HTTPException(422, f"task {name!r} is not a {kind} task; use {other}")
+    if len(inputs) > cfg.max_inputs:
+        raise HTTPException(
+            413, f"{len(inputs)} inputs; at most {cfg.max_inputs} per request (--max-inputs)"
+        )
+    for i, item in enumerate(inputs, start=1):
+        n = len(item) if isinstance(item, str) else sum(map(len, item.values()))
+        if n > cfg.max_input_chars:
             raise HTTPException(
-                403,
-                f"{action} is off: start the server with an admin key (--admin-key-file FILE "
-                "or TUNELAB_ADMIN_KEY)",
+                422,
+                f"input {i}: {n} characters; at most {cfg.max_input_chars} (--max-input-chars)",
             )
-        role = cfg.keys.role(request.headers.get("authorization"))
-        if role is None:
-            raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
-        if role != "admin":
-            raise HTTPException(403, f"{action} needs the admin key; this key may only infer")
+    try:
+        return entry, encode_inputs(entry, inputs)
+    except TunelabError as e:
+        raise HTTPException(422, str(e)) from None
 
-    def entry_for(name: str, kind: str, inputs: list):
-        entry = store.get(name)
-        if entry is None:
-            known = ", ".join(store.tasks) or "none"
-            raise HTTPException(404, f"unknown task {name!r} (loaded: {known})")
-        if entry.describe()["kind"] != kind:
-            other = "/v1/generate" if kind == "classification" else "/v1/classify"
-            raise HTTPException(422, f"task {name!r} is not a {kind} task; use {other}")
-        if len(inputs) > cfg.max_inputs:
-            raise HTTPException(
-                413, f"{len(inputs)} inputs; at most {cfg.max_inputs} per request (--max-inputs)"
-            )
-        for i, item in enumerate(inputs, start=1):
-            n = len(item) if isinstance(item, str) else sum(map(len, item.values()))
-            if n > cfg.max_input_chars:
-                raise HTTPException(
-                    422,
-                    f"input {i}: {n} characters; at most {cfg.max_input_chars} (--max-input-chars)",
-                )
-        try:
-            return entry, encode_inputs(entry, inputs)
-        except TunelabError as e:
-            raise HTTPException(422, str(e)) from None
 
-    async def timed(endpoint: str, req, work):
-        # a name no loaded task has is counted as "unknown": clients cannot add label values
-        task = req.task if store.get(req.task) is not None else "unknown"
-        start, status = time.perf_counter(), 500
-        try:
-            out = await work()
-            status = 200
-            return out
-        except HTTPException as e:
-            status = e.status_code
-            raise
-        finally:
-            metrics.observe_request(
-                endpoint, task, status, time.perf_counter() - start, len(req.inputs)
-            )
+async def _timed(store: AdapterStore, metrics: Metrics, endpoint: str, req, work):
+    """`await work()`, counted in the metrics under the request's task and status."""
+    # a name no loaded task has is counted as "unknown": clients cannot add label values
+    task = req.task if store.get(req.task) is not None else "unknown"
+    start, status = time.perf_counter(), 500
+    try:
+        out = await work()
+        status = 200
+        return out
+    except HTTPException as e:
+        status = e.status_code
+        raise
+    finally:
+        metrics.observe_request(
+            endpoint, task, status, time.perf_counter() - start, len(req.inputs)
+        )
 
+
+def _add_inference_routes(app: FastAPI, store, batcher, metrics, cfg: ServeConfig) -> None:
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=errors(401, 404, 413, 422))
     async def classify(req: ClassifyRequest) -> ClassifyResponse:
         """The label and every label's probability for each input."""
 
         async def work():
-            entry, examples = entry_for(req.task, "classification", req.inputs)
+            entry, examples = _entry_for(store, cfg, req.task, "classification", req.inputs)
             logp = await batcher.classify(entry, examples)
             if entry.calibration is not None:  # as `tunelab predict --calibrate` scores
                 logp = calibrated(logp, entry.calibration)
@@ -197,21 +210,25 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
                 results.append(Classified(label=best, probabilities=dist))
             return ClassifyResponse(task=req.task, results=results)
 
-        return await timed("classify", req, work)
+        return await _timed(store, metrics, "classify", req, work)
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=errors(401, 404, 413, 422))
     async def generate(req: GenerateRequest) -> GenerateResponse:
         """Greedy continuations (cut at the task's stop strings) for each input."""
 
         async def work():
-            entry, examples = entry_for(req.task, "generation", req.inputs)
+            entry, examples = _entry_for(store, cfg, req.task, "generation", req.inputs)
             limit = req.max_tokens or entry.task.generation.max_new_tokens
             if limit > cfg.max_new_tokens:
                 raise HTTPException(422, f"max_tokens {limit}; at most {cfg.max_new_tokens}")
             outputs = await batcher.generate(entry, examples, limit)
             return GenerateResponse(task=req.task, outputs=outputs)
 
-        return await timed("generate", req, work)
+        return await _timed(store, metrics, "generate", req, work)
+
+
+def _add_task_routes(app: FastAPI, store, batcher, cfg: ServeConfig) -> None:
+    root = cfg.adapter_root
 
     @app.get("/v1/tasks", response_model=list[TaskInfo], responses=errors(401))
     async def list_tasks() -> list[dict]:
@@ -227,7 +244,7 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
     async def load_task(req: TaskLoad, request: Request) -> dict:
         """Load an artifact folder under the adapter root while serving (admin key only); a
         bad artifact is refused (422) and nothing else changes."""
-        require_admin(request, "loading tasks")
+        _require_admin(cfg, request, "loading tasks")
         if root is None:
             raise HTTPException(403, "loading tasks is off: start the server with --adapter-root")
         try:
@@ -251,12 +268,14 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
     @app.delete("/v1/tasks/{name}", response_model=Unloaded, responses=errors(401, 403, 404))
     async def unload_task(name: str, request: Request) -> dict:
         """Unload a task (admin key only; requests already queued for it still finish)."""
-        require_admin(request, "unloading tasks")
+        _require_admin(cfg, request, "unloading tasks")
         if store.get(name) is None:
             raise HTTPException(404, f"unknown task {name!r}")
         await batcher.run(store.unload, name)
         return {"unloaded": name}
 
+
+def _add_status_routes(app: FastAPI, store, metrics) -> None:
     @app.get("/health", response_model=Health)
     async def health() -> Health:
         return Health(status="ok", model=store.backbone.name, tasks=len(store.tasks))
@@ -267,6 +286,3 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
         return PlainTextResponse(
             metrics.render(len(store.tasks)), media_type="text/plain; version=0.0.4"
         )
-
-    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
-    return app

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab import methods
 from tunelab.artifact import read_meta
 from tunelab.errors import TunelabError
 from tunelab.evaluate.calibrate import is_on
@@ -30,9 +31,6 @@ from tunelab.tasks.prepared import PreparedTask
 from tunelab.tasks.spec import TaskSpec
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# methods that run on the shared backbone: their tensors sit beside its weights, not in them
-SHARING_METHODS = ("prompt-tuning", "prefix", "head", "lora", "hybrid")
-LORA_METHODS = ("lora", "hybrid")  # routed per row to their own adapter
 RESERVED = ("unknown",)  # the metrics label of requests that name no loaded task
 
 
@@ -53,10 +51,10 @@ def param_bytes(model: torch.nn.Module) -> int:
 
 
 def shares_backbone(meta: dict) -> bool:
-    method = meta.get("method")
-    if method == "head":
-        return not meta.get("method_config", {}).get("train_backbone", False)
-    return method in SHARING_METHODS
+    """Whether the artifact runs on the shared backbone: its tensors sit beside the backbone's
+    weights, not in them."""
+    record = methods.find(meta.get("method"))
+    return record is not None and record.shares_backbone(meta.get("method_config", {}))
 
 
 @dataclass
@@ -170,7 +168,8 @@ class AdapterStore:
             # private copy, read afresh (the shared one may hold LoRA layers by now)
             backbone = load_backbone(self.backbone.name)
         adapter = None
-        if meta["method"] in LORA_METHODS:
+        record = methods.find(meta["method"])
+        if record is not None and record.routes_rows:  # joins the others under its own name
             self._loras += 1
             adapter = f"lora{self._loras}"
         try:

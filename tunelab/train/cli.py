@@ -19,7 +19,7 @@ def settings_help() -> str:
     def names(cls) -> str:
         return ", ".join(f.name for f in dataclasses.fields(cls))
 
-    per_method = "; ".join(f"{m}: {names(c)}" for m, c in methods.CONFIGS.items())
+    per_method = "; ".join(f"{name}: {names(m.config)}" for name, m in methods.METHODS.items())
     return f"Training: {names(TrainConfig)}. Per method: {per_method}"
 
 

@@ -191,6 +191,61 @@ def train(
     another run's. `train_ex` is a list of examples, or `Epochs`: the rows encoded per epoch.
     """
     world, device = distributed.init(cfg.device)
+    prepare_model(tuned, cfg, world, device)
+    # rows re-encoded each epoch (demonstrations drawn afresh): the head is what all of them
+    # share; batching follows the first epoch's lengths
+    epochs = train_ex if isinstance(train_ex, Epochs) else Epochs([train_ex])
+    head = shared_head_ids(tuned, epochs.every_row(), verbalizer, cfg)
+    # (before the optimizer: FSDP replaces the parameters with sharded ones)
+    objective = distributed.wrap(Objective(tuned, verbalizer, head), world, device, cfg.fsdp)
+    loop = _Loop(
+        tuned, cfg, world, device, objective, epochs, head, verbalizer, pad_id,
+        sharded=distributed.sharded(tuned),  # then every rank gathers what rank 0 writes
+        opt=torch.optim.AdamW(tuned.param_groups(lr, weight_decay)),
+        ckpt_dir=out_dir / "checkpoints", run=run or {},
+        val_ex=val_ex, validate=validate, on_validation=on_validation, zero_shot=zero_shot,
+    )  # fmt: skip
+    if resume:
+        loop.resume()
+    res = loop.res
+    loop.open_bar()
+    if res.step == 0 and (val_ex or validate):
+        # the start (the method's initialisation) competes for best: a run whose training only
+        # makes things worse ends holding it. A resumed run has this record in its checkpoint
+        start_record = {"step": 0}
+        loop.validate_now(start_record)
+        res.history.append(start_record)
+    tuned.train()
+    ema = None
+    while res.step < cfg.steps and not res.stopped_early:
+        total = loop.step()
+        validating = (val_ex or validate) and (
+            res.step % cfg.eval_every == 0 or res.step == cfg.steps
+        )
+        writing = validating or res.step % cfg.save_every == 0 or res.step == cfg.steps
+        if writing:
+            loop.check_weights()
+        ema = total if ema is None else 0.9 * ema + 0.1 * total
+        record = {"step": res.step, "loss": round(total, 5), "lr": loop.opt.param_groups[0]["lr"]}
+        if validating:
+            loop.validate_now(record, loss=f"{ema:.4f}")
+        elif res.step % 5 == 0:
+            loop.bar.set_postfix(loss=f"{ema:.4f}")
+        res.history.append(record)
+        loop.bar.update(1)
+        if res.step % cfg.save_every == 0 or res.step == cfg.steps or res.stopped_early:
+            loop.save_last()
+    loop.bar.close()
+    if res.stopped_early and world.main:
+        print(f"early stop at step {res.step}: no improvement in {cfg.patience} validation runs")
+    if res.best_step is not None:
+        loop.restore_best()
+    tuned.eval()
+    return res
+
+
+def prepare_model(tuned, cfg: TrainConfig, world, device: torch.device) -> None:
+    """Put `tuned` on its device, in the precision it trains in, warning where that is slow."""
     if not (cfg.fsdp and world.distributed):  # FSDP moves each block as it shards it
         tuned.to(device)
     lean_swiglu(tuned.model)  # fewer saved activations, the same gradients
@@ -209,64 +264,154 @@ def train(
         for p in tuned.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
-    # rows re-encoded each epoch (demonstrations drawn afresh): the head is what all of them
-    # share; batching follows the first epoch's lengths
-    epochs = train_ex if isinstance(train_ex, Epochs) else Epochs([train_ex])
-    train_ex = epochs.of(0)
-    head = shared_head_ids(tuned, epochs.every_row(), verbalizer, cfg)
-    # (before the optimizer: FSDP replaces the parameters with sharded ones)
-    objective = distributed.wrap(Objective(tuned, verbalizer, head), world, device, cfg.fsdp)
-    sharded = distributed.sharded(tuned)  # then every rank gathers what rank 0 writes
-    params = [p for p in tuned.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(tuned.param_groups(lr, weight_decay))
-    ckpt_dir = out_dir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.safetensors", ckpt_dir / "best.safetensors"
-    res = TrainResult()
-    if resume and last_path.is_file():
-        meta = load_training_state(last_path, tuned, opt)
-        res = TrainResult(**{k: v for k, v in meta["result"].items()})
-        if world.main:
-            print(f"resumed from {last_path} at step {res.step}")
 
-    def save(tensors: dict, path: Path, meta: dict) -> None:
+
+@dataclass
+class _Loop:
+    """What the steps of one `train` call share: the model, its optimizer, where it writes, the
+    validation it runs, and the result so far."""
+
+    tuned: nn.Module
+    cfg: TrainConfig
+    world: object  # distributed.World
+    device: torch.device
+    objective: nn.Module
+    epochs: Epochs
+    head: list[int] | None  # the token ids the objective runs once per batch, or None
+    verbalizer: object
+    pad_id: int
+    sharded: bool
+    opt: torch.optim.Optimizer
+    ckpt_dir: Path
+    run: dict
+    val_ex: list
+    validate: object = None
+    on_validation: object = None
+    zero_shot: bool = False
+    res: TrainResult = field(default_factory=TrainResult)
+    bar: object = None
+
+    def __post_init__(self):
+        self.params = [p for p in self.tuned.parameters() if p.requires_grad]
+        self.last_path = self.ckpt_dir / "last.safetensors"
+        self.best_path = self.ckpt_dir / "best.safetensors"
+        self.lengths = [len(ex.ids) + len(ex.target or ()) for ex in self.epochs.of(0)]
+        self.batches: dict[int, list[list[int]]] = {}  # this epoch's micro-batches
+
+    def resume(self) -> None:
+        if self.last_path.is_file():
+            meta = load_training_state(self.last_path, self.tuned, self.opt)
+            self.res = TrainResult(**{k: v for k, v in meta["result"].items()})
+            if self.world.main:
+                print(f"resumed from {self.last_path} at step {self.res.step}")
+
+    def open_bar(self) -> None:
+        self.bar = tqdm(
+            total=self.cfg.steps,
+            initial=self.res.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+            disable=not self.world.main,
+        )
+
+    def step(self) -> float:
+        """One optimizer step: schedule, accumulate the micro-batches, clip, update. Returns the
+        step's loss (the global batch's mean)."""
+        cfg, res, world = self.cfg, self.res, self.world
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(cfg, res.step)
+        torch.manual_seed(cfg.seed * 7919 + res.step)  # dropout masks repeat after a resume
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            total += self.micro_step(micro) / world.size
+        total = distributed.all_sum(total, self.device, world)
+        if not math.isfinite(total):
+            self.bar.close()
+            raise TunelabError(
+                f"loss became {total} at step {res.step + 1}; stopped. The last good checkpoint is "
+                f"{self.last_good()}; try a lower lr (--set lr=...) or bf16=false"
+            )
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.opt.step()
+        res.step += 1
+        return total
+
+    def micro_step(self, micro: int) -> float:
+        """Forward and backward of one micro-batch; its loss."""
+        cfg, world, device = self.cfg, self.world, self.device
+        m = self.res.step * cfg.grad_accum + micro
+        rows = micro_batch(self.lengths, cfg, m, self.batches)
+        idx = distributed.shard(rows, world)
+        # a rank left without rows still runs one, weighted 0: DDP needs every rank's backward
+        weight = 1.0 if idx else 0.0
+        part = [self.epochs.of(epoch_of(len(self.lengths), cfg, m))[i] for i in idx or rows[:1]]
+        if self.head is not None:  # the objective runs the head once and attends to it
+            part = after_head(part, len(self.head))
+        batch = make_batch(self.tuned, part, self.verbalizer, self.pad_id, cfg.padding_side, device)
+        if self.verbalizer is None:  # the mean is over the global batch's target tokens
+            denom = distributed.all_sum(weight * batch["target_mask"].sum().item(), device, world)
+        else:
+            denom = len(rows)
+        # DDP averages gradients over ranks, so each rank's sum is scaled up by their number;
+        # dividing by the accumulation steps makes the summed gradient the big batch's mean
+        scale = weight * world.size / (denom * cfg.grad_accum)
+        sync = micro == cfg.grad_accum - 1 or not world.distributed
+        with distributed.grad_sync(self.objective, sync):  # sync grads once per step
+            with autocast(device, cfg.bf16):
+                loss = self.objective(batch, scale)
+            loss.backward()
+        return loss.item()
+
+    def check_weights(self) -> None:
+        """A finite loss can still leave NaN weights (lr=nan, an overflowing update): stop before
+        they reach a checkpoint or the artifact. Run where a step may write (scanning every
+        weight each step costs a full fine-tuning step ~1 s on 2 CPU cores); a NaN between
+        writes shows in the next step's loss, checked every step."""
+        if not all_finite(self.params, self.device, self.world):
+            self.bar.close()
+            raise TunelabError(
+                f"the trainable tensors became non-finite (NaN or infinity) at step "
+                f"{self.res.step}; stopped before writing anything of this step. The last good "
+                f"checkpoint is {self.last_good()}; try a lower lr (--set lr=...) or max_grad_norm"
+            )
+
+    def last_good(self) -> str:
+        return str(self.last_path) if self.last_path.is_file() else "not written yet"
+
+    def save(self, tensors: dict, path: Path, meta: dict) -> None:
         """Rank 0 writes (without FSDP every rank holds the same weights)."""
-        if world.main or sharded:
-            tensors = distributed.gather(tensors, world)
-        if world.main:
+        if self.world.main or self.sharded:
+            tensors = distributed.gather(tensors, self.world)
+        if self.world.main:
             atomic_save(tensors, path, meta)
 
-    def save_last() -> None:
-        meta = {"result": asdict(res), "config": asdict(cfg), "run": run or {}}
-        save(training_state(tuned, opt), last_path, meta)
+    def save_last(self) -> None:
+        meta = {"result": asdict(self.res), "config": asdict(self.cfg), "run": self.run}
+        self.save(training_state(self.tuned, self.opt), self.last_path, meta)
 
-    bar = tqdm(
-        total=cfg.steps,
-        initial=res.step,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=1.0,
-        disable=not world.main,
-    )
+    def score(self, model) -> float:
+        if self.validate is not None:
+            return self.validate(model)
+        return validation_accuracy(model, self.val_ex, self.verbalizer, self.pad_id, self.cfg)
 
-    def score(model) -> float:
-        if validate is not None:
-            return validate(model)
-        return validation_accuracy(model, val_ex, verbalizer, pad_id, cfg)
-
-    def validate_now(record: dict, **postfix) -> None:
+    def validate_now(self, record: dict, **postfix) -> None:
         """Score the weights as they are now into `record`; keep them as the best when they beat
         the best so far, or tie the start (step 0: on a tie the trained weights win)."""
+        res, world = self.res, self.world
         acc = zero = None
-        if world.main or sharded:  # under FSDP every rank runs the model
-            with distributed.full_weights(tuned):
-                acc = score(tuned)
-                if record["step"] == 0 and zero_shot:
-                    with backbone_alone(tuned) as bare:  # None: the start is the backbone
-                        zero = acc if bare is None else score(bare)
+        start = record["step"] == 0 and self.zero_shot
+        if world.main or self.sharded:  # under FSDP every rank runs the model
+            with distributed.full_weights(self.tuned):
+                acc = self.score(self.tuned)
+                if start:
+                    with backbone_alone(self.tuned) as bare:  # None: the start is the backbone
+                        zero = acc if bare is None else self.score(bare)
         acc, zero = distributed.from_main((acc, zero), world)  # every rank decides the same
         record["validation"] = acc
-        if record["step"] == 0 and zero_shot:
+        if start:
             record["zero_shot"] = zero
         if (
             res.best_metric is None
@@ -274,109 +419,21 @@ def train(
             or (res.best_step == 0 and acc == res.best_metric)
         ):
             res.best_metric, res.best_step, res.bad_evals = acc, res.step, 0
-            save(tuned.trainable_state(), best_path, {"step": res.step, "validation": acc})
+            meta = {"step": res.step, "validation": acc}
+            self.save(self.tuned.trainable_state(), self.best_path, meta)
         else:
             res.bad_evals += 1
-            if cfg.patience and res.bad_evals >= cfg.patience:
+            if self.cfg.patience and res.bad_evals >= self.cfg.patience:
                 res.stopped_early = True
-        bar.set_postfix(**postfix, val=f"{acc:.3f}", best=f"{res.best_metric:.3f}")
-        if on_validation is not None and world.main:
-            on_validation(record)
+        self.bar.set_postfix(**postfix, val=f"{acc:.3f}", best=f"{res.best_metric:.3f}")
+        if self.on_validation is not None and world.main:
+            self.on_validation(record)
 
-    if res.step == 0 and (val_ex or validate):
-        # the start (the method's initialisation) competes for best: a run whose training only
-        # makes things worse ends holding it. A resumed run has this record in its checkpoint
-        start_record = {"step": 0}
-        validate_now(start_record)
-        res.history.append(start_record)
-    tuned.train()
-    ema = None
-    lengths = [len(ex.ids) + len(ex.target or ()) for ex in train_ex]
-    batches: dict[int, list[list[int]]] = {}  # this epoch's micro-batches
-    while res.step < cfg.steps and not res.stopped_early:
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(cfg, res.step)
-        torch.manual_seed(cfg.seed * 7919 + res.step)  # dropout masks repeat after a resume
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            m = res.step * cfg.grad_accum + micro
-            rows = micro_batch(lengths, cfg, m, batches)
-            idx = distributed.shard(rows, world)
-            # a rank left without rows still runs one, weighted 0: DDP needs every rank's backward
-            weight = 1.0 if idx else 0.0
-            part = [epochs.of(epoch_of(len(lengths), cfg, m))[i] for i in idx or rows[:1]]
-            if head is not None:  # the objective runs the head once and attends to it
-                part = after_head(part, len(head))
-            batch = make_batch(
-                tuned,
-                part,
-                verbalizer,
-                pad_id,
-                cfg.padding_side,
-                device,
-            )
-            if verbalizer is None:  # the mean is over the global batch's target tokens
-                denom = distributed.all_sum(
-                    weight * batch["target_mask"].sum().item(), device, world
-                )
-            else:
-                denom = len(rows)
-            # DDP averages gradients over ranks, so each rank's sum is scaled up by their number;
-            # dividing by the accumulation steps makes the summed gradient the big batch's mean
-            scale = weight * world.size / (denom * cfg.grad_accum)
-            sync = micro == cfg.grad_accum - 1 or not world.distributed
-            with distributed.grad_sync(objective, sync):  # sync grads once per step
-                with autocast(device, cfg.bf16):
-                    loss = objective(batch, scale)
-                loss.backward()
-            total += loss.item() / world.size
-        total = distributed.all_sum(total, device, world)
-        if not math.isfinite(total):
-            bar.close()
-            raise TunelabError(
-                f"loss became {total} at step {res.step + 1}; stopped. The last good checkpoint is "
-                f"{last_path if last_path.is_file() else 'not written yet'}; try a lower lr "
-                f"(--set lr=...) or bf16=false"
-            )
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        res.step += 1
-        # a finite loss can still leave NaN weights (lr=nan, an overflowing update): stop before
-        # they reach a checkpoint or the artifact. Checked where this step may write (scanning
-        # every weight each step costs a full fine-tuning step ~1 s on 2 CPU cores); a NaN
-        # between writes shows in the next step's loss, checked every step
-        validating = (val_ex or validate) and (
-            res.step % cfg.eval_every == 0 or res.step == cfg.steps
-        )
-        writing = validating or res.step % cfg.save_every == 0 or res.step == cfg.steps
-        if writing and not all_finite(params, device, world):
-            bar.close()
-            raise TunelabError(
-                f"the trainable tensors became non-finite (NaN or infinity) at step {res.step}; "
-                f"stopped before writing anything of this step. The last good checkpoint is "
-                f"{last_path if last_path.is_file() else 'not written yet'}; try a lower lr "
-                f"(--set lr=...) or max_grad_norm"
-            )
-        ema = total if ema is None else 0.9 * ema + 0.1 * total
-        record = {"step": res.step, "loss": round(total, 5), "lr": opt.param_groups[0]["lr"]}
-        if validating:
-            validate_now(record, loss=f"{ema:.4f}")
-        elif res.step % 5 == 0:
-            bar.set_postfix(loss=f"{ema:.4f}")
-        res.history.append(record)
-        bar.update(1)
-        if res.step % cfg.save_every == 0 or res.step == cfg.steps or res.stopped_early:
-            save_last()
-    bar.close()
-    if res.stopped_early and world.main:
-        print(f"early stop at step {res.step}: no improvement in {cfg.patience} validation runs")
-    if res.best_step is not None:
-        if sharded:  # every rank reads its part of the best weights, once rank 0 wrote them
-            distributed.barrier(world)
-        if (world.main or sharded) and best_path.is_file():
-            restore_trainable(tuned, load(best_path)[0])
-        if not sharded:  # rank 0 restored the best weights; the others take them
-            distributed.broadcast_trainable(tuned, world)
-    tuned.eval()
-    return res
+    def restore_best(self) -> None:
+        """Every rank takes the best validation weights rank 0 wrote."""
+        if self.sharded:  # every rank reads its part of the best weights, once rank 0 wrote them
+            distributed.barrier(self.world)
+        if (self.world.main or self.sharded) and self.best_path.is_file():
+            restore_trainable(self.tuned, load(self.best_path)[0])
+        if not self.sharded:  # rank 0 restored the best weights; the others take them
+            distributed.broadcast_trainable(self.tuned, self.world)
