@@ -32,7 +32,7 @@ def _choices(add_arguments, flag: str) -> list[str]:
 
 
 def test_every_command_lists_exactly_the_registered_methods():
-    from tunelab.compare.run import add_arguments as compare_arguments
+    from tunelab.compare.cli import add_compare_arguments as compare_arguments
     from tunelab.compare.tune import add_arguments as tune_arguments
     from tunelab.train.cli import add_arguments as train_arguments
 
