@@ -22,8 +22,8 @@ from tunelab.compare import runs
 from tunelab.compare.runs import BASELINES
 from tunelab.compare.search import PRUNERS, STUDY_FILE, Search, best_trial, space
 from tunelab.errors import TunelabError
+from tunelab.io import write_json
 from tunelab.models import DEFAULT_MODEL
-from tunelab.train.checkpoint import write_json
 
 DEFAULT_METHODS = "zero-shot,in-context,prompt-tuning,prefix,lora,freeze,head,full,hybrid"
 OURS = ("results.json", "report.md", "report.html", STUDY_FILE, "trials", runs.LABEL_WORDS)

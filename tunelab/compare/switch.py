@@ -16,8 +16,8 @@ import torch
 
 def measure(artifact: Path, repeats: int = 5) -> dict:
     from tunelab.artifact import load_artifact, read_meta
-    from tunelab.evaluate.generate import greedy_generate
-    from tunelab.evaluate.predict import predict_logprobs
+    from tunelab.lm.generate import greedy_generate
+    from tunelab.lm.predict import predict_logprobs
     from tunelab.models import load_backbone
     from tunelab.tasks.encode import encode
     from tunelab.tasks.readers import Record

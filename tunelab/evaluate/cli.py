@@ -5,24 +5,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
 from tunelab.artifact import load_artifact
+from tunelab.device import resolve_device
 from tunelab.errors import TunelabError
 from tunelab.evaluate import calibrate
 from tunelab.evaluate.metrics import format_confusion
-from tunelab.evaluate.predict import evaluate_split, predict_logprobs
-from tunelab.io import check_writable_dir, prepare_output_file
+from tunelab.evaluate.predict import evaluate_split
+from tunelab.io import check_writable_dir, prepare_output_file, write_json, write_text
+from tunelab.lm.predict import predict_logprobs
 from tunelab.methods.base import TunedLM
 from tunelab.models import load_backbone
 from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.tasks.readers import Record
 from tunelab.tasks.template import render
-from tunelab.train.checkpoint import write_json
-from tunelab.train.loop import resolve_device
 
 # what an artifact fixes (so inference prompts exactly as training did) versus what --task may
 # change (which data to read)
@@ -228,16 +227,11 @@ def run_eval(args: argparse.Namespace) -> None:
         args.adapter / f"predictions-{split}.jsonl" if args.adapter else None
     )
     if out is not None:
-        tmp = out.with_name(f".{out.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in _prediction_rows(prep, split, outputs):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
+        rows = _prediction_rows(prep, split, outputs)
+        write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), out)
         print(f"predictions: {out}")
     if args.metrics:
-        tmp = args.metrics.with_name(f".{args.metrics.name}.tmp")
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, args.metrics)
+        write_text(json.dumps(metrics, indent=2) + "\n", args.metrics)
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -317,7 +311,7 @@ def run_predict(args: argparse.Namespace) -> None:
     source = str(args.adapter / "tunelab.json")
     cal = calibrate.resolve(tuned, prep, meta, calibrate.is_on(args.calibrate, task), source)
     if task.is_generation:
-        from tunelab.evaluate.generate import greedy_generate
+        from tunelab.lm.generate import greedy_generate
 
         texts = greedy_generate(
             tuned,
@@ -417,9 +411,7 @@ def run_label_words(args: argparse.Namespace) -> None:
             f"{found.split} rows of {task.source}\n(training accuracy {found.accuracy:.4f}; "
             f"the task's own verbalizer {found.task_accuracy:.4f})"
         )
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(task_yaml(found.task(task), header), encoding="utf-8")
-        os.replace(tmp, args.out)
+        write_text(task_yaml(found.task(task), header), args.out)
         print(f"\ntask file: {args.out}")
     if args.json is not None:
         record = {"task": task.name, "task_words": task.verbalizer, **found.to_dict()}

@@ -16,13 +16,12 @@ from tunelab.evaluate.calibrate import measure as measure_calibration
 from tunelab.evaluate.calibrate import refuse_generation
 from tunelab.evaluate.metrics import headline
 from tunelab.evaluate.predict import evaluate_split
-from tunelab.io import check_writable_dir
+from tunelab.io import check_writable_dir, read_tensors_meta
 from tunelab.methods.base import TunedLM
 from tunelab.models import load_backbone
 from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.train import distributed
-from tunelab.train.checkpoint import read_meta as read_checkpoint_meta
 from tunelab.train.config import TrainConfig, apply_overrides
 from tunelab.train.loop import epochs_in_run, train
 
@@ -169,7 +168,7 @@ def check_out(args: argparse.Namespace, run_id: dict) -> None:
                 f"--resume: {last} does not exist, so there is no run to continue; "
                 "drop --resume to start one"
             )
-        theirs = read_checkpoint_meta(last).get("run") or {}  # older checkpoints: not recorded
+        theirs = read_tensors_meta(last).get("run") or {}  # older checkpoints: not recorded
         for key in ("task", "method", "method_config") if theirs else ():
             a, b = theirs.get(key), run_id[key]
             if a != b:
