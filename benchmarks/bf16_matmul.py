@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from tunelab.evaluate.predict import native_bf16
+from tunelab.device import native_bf16
 
 
 def timed(fn, repeats: int = 50) -> float:

@@ -62,7 +62,7 @@ def make_artifacts(root: Path) -> list[tuple[str, Path]]:
 
 def peft_compute(peft_model, pad_id: int):
     """The PEFT way: per task group, `set_adapter`, then one forward pass of that group."""
-    from tunelab.models.scoring import label_logprobs_at
+    from tunelab.lm.scoring import label_logprobs_at
     from tunelab.tasks.batch import _pad
 
     scorer = SimpleNamespace(head=None, model=peft_model.get_base_model())

@@ -61,7 +61,7 @@ def main() -> None:
     if args.bf16 is None:
         import torch
 
-        from tunelab.evaluate.predict import native_bf16
+        from tunelab.device import native_bf16
 
         args.bf16 = native_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if args.child:
@@ -179,7 +179,7 @@ def run_tunelab(args, method: str) -> dict:
     import torch
 
     from tunelab import methods
-    from tunelab.evaluate.predict import predict_logprobs
+    from tunelab.lm.predict import predict_logprobs
     from tunelab.models import load_backbone
     from tunelab.tasks.prepared import PreparedTask
     from tunelab.tasks.spec import TaskSpec

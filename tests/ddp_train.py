@@ -12,11 +12,11 @@ from pathlib import Path
 from torch.distributed.tensor import DTensor
 
 from tunelab import methods
+from tunelab.io import atomic_save
 from tunelab.models import load_backbone
 from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.train import distributed
-from tunelab.train.checkpoint import atomic_save
 from tunelab.train.config import TrainConfig, apply_overrides
 from tunelab.train.loop import train
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from tunelab.artifact import load_artifact, save_artifact
 from tunelab.errors import TunelabError
-from tunelab.evaluate.predict import predict_logprobs
+from tunelab.lm.predict import predict_logprobs
 from tunelab.methods import prompt_tuning as pt
 from tunelab.models import fingerprint, load_backbone
 from tunelab.tasks import load_task

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import free_port, write_jsonl
 
-from tunelab.train.checkpoint import load
+from tunelab.io import load_tensors
 
 HERE = Path(__file__).resolve().parent
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -73,10 +73,10 @@ def test_two_ranks_agree_and_equal_one_process(
     launch([str(HERE / "ddp_train.py"), *common, str(tmp_path / "one"), *settings], 1)
     launch([str(HERE / "ddp_train.py"), *common, str(tmp_path / "two"), *settings], 2)
 
-    single, _ = load(tmp_path / "one" / "rank0.safetensors")
-    rank0, meta = load(tmp_path / "two" / "rank0.safetensors")
+    single, _ = load_tensors(tmp_path / "one" / "rank0.safetensors")
+    rank0, meta = load_tensors(tmp_path / "two" / "rank0.safetensors")
     assert meta["sharded"] == ("fsdp=true" in settings)
-    rank1, _ = load(tmp_path / "two" / "rank1.safetensors")
+    rank1, _ = load_tensors(tmp_path / "two" / "rank1.safetensors")
     initial = _initial(tiny_model_dir, tiny_task, method)
     assert rank0.keys() == rank1.keys() == single.keys()
     for name in single:
@@ -142,8 +142,8 @@ def test_tunelab_train_under_torchrun_writes_one_artifact_and_resumes(
     assert start_two.keys() == {"step", "validation", "zero_shot"} == start_one.keys()
     for key in ("validation", "zero_shot"):
         assert abs(start_two[key] - start_one[key]) < 1e-6
-    a, _ = load(tmp_path / "one" / artifact)
-    b, _ = load(tmp_path / "two" / artifact)
+    a, _ = load_tensors(tmp_path / "one" / artifact)
+    b, _ = load_tensors(tmp_path / "two" / artifact)
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
@@ -164,8 +164,8 @@ def test_tunelab_train_under_accelerate_launch_matches_one_process(
     assert two.stdout.count("artifact:") == 1 and one.stdout.count("artifact:") == 1
     meta = json.loads((tmp_path / "two" / "tunelab.json").read_text())
     assert meta["metrics"]["world_size"] == 2
-    a, _ = load(tmp_path / "one" / "adapter_model.safetensors")
-    b, _ = load(tmp_path / "two" / "adapter_model.safetensors")
+    a, _ = load_tensors(tmp_path / "one" / "adapter_model.safetensors")
+    b, _ = load_tensors(tmp_path / "two" / "adapter_model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
 
@@ -213,7 +213,7 @@ def test_fsdp_validates_a_generation_task_by_decoding_on_every_rank(tiny_model_d
     for m in (meta_one["metrics"]["train"], meta_two["metrics"]["train"]):
         m.pop("seconds")
     assert meta_two["metrics"]["train"] == meta_one["metrics"]["train"]
-    a, _ = load(tmp_path / "one" / "trainable.safetensors")
-    b, _ = load(tmp_path / "two" / "trainable.safetensors")
+    a, _ = load_tensors(tmp_path / "one" / "trainable.safetensors")
+    b, _ = load_tensors(tmp_path / "two" / "trainable.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)

@@ -13,10 +13,10 @@ from conftest import write_jsonl
 from tunelab import methods
 from tunelab.__main__ import main
 from tunelab.errors import TunelabError
-from tunelab.evaluate.generate import cut_at_stop, greedy_generate
 from tunelab.evaluate.metrics import generation_metrics, token_f1
+from tunelab.lm.generate import cut_at_stop, greedy_generate
+from tunelab.lm.scoring import make_batch
 from tunelab.models import load_backbone
-from tunelab.models.scoring import make_batch
 from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.train.loop import Objective

@@ -13,9 +13,9 @@ from conftest import sentences, write_jsonl
 
 from tunelab.__main__ import main
 from tunelab.evaluate.label_words import MAX_ASSIGNMENTS, choose
+from tunelab.lm.scoring import hidden_states, last_positions
 from tunelab.methods.base import TunedLM
 from tunelab.models import load_backbone
-from tunelab.models.scoring import hidden_states, last_positions
 from tunelab.tasks import load_task
 from tunelab.tasks.batch import collate
 from tunelab.tasks.prepared import PreparedTask

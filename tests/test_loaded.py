@@ -91,7 +91,7 @@ def demo_artifact(tiny_model_dir, tmp_path_factory):
 def test_the_artifacts_demonstrations_and_max_length_shape_every_prompt(
     demo_artifact, tiny_model_dir
 ):
-    from tunelab.evaluate.predict import predict_logprobs
+    from tunelab.lm.predict import predict_logprobs
 
     art, task_path, max_length = demo_artifact
     model = load(art, device="cpu")

@@ -12,7 +12,7 @@ from conftest import make_task
 from tunelab import methods
 from tunelab.artifact import load_artifact, save_artifact
 from tunelab.errors import TunelabError
-from tunelab.evaluate.predict import predict_logprobs, shared_head
+from tunelab.lm.predict import predict_logprobs, shared_head
 from tunelab.models import load_backbone
 from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
@@ -377,8 +377,8 @@ def test_prefix_artifact_loads_in_peft_with_the_same_scores(
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tiny_task, method):
     import torch.nn.functional as F
 
-    from tunelab.models.scoring import label_logprobs, make_batch
-    from tunelab.train.run import enable_gradient_checkpointing
+    from tunelab.lm.scoring import label_logprobs, make_batch
+    from tunelab.pipeline import enable_gradient_checkpointing
 
     def grads(checkpointing: bool):
         backbone, prep, cfg, tuned = _setup(
@@ -408,7 +408,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tiny_ta
 def test_gradient_checkpointing_is_refused_where_no_gradient_crosses_the_model(
     tiny_model_dir, tiny_task
 ):
-    from tunelab.train.run import enable_gradient_checkpointing
+    from tunelab.pipeline import enable_gradient_checkpointing
 
     *_, tuned = _setup(tiny_model_dir, tiny_task, "head", {})
     with pytest.raises(TunelabError, match="frozen backbone sends no gradient through it"):
@@ -416,7 +416,7 @@ def test_gradient_checkpointing_is_refused_where_no_gradient_crosses_the_model(
 
 
 def test_bf16_autocast_trains_and_agrees_with_float32(tiny_model_dir, tiny_task, tmp_path, capsys):
-    from tunelab.evaluate.predict import native_bf16
+    from tunelab.device import native_bf16
 
     backbone, prep, cfg, tuned = _setup(tiny_model_dir, tiny_task, "lora", {})
     pad = backbone.tokenizer.pad_token_id
@@ -446,7 +446,7 @@ def test_bf16_autocast_trains_and_agrees_with_float32(tiny_model_dir, tiny_task,
 
 
 def test_lean_swiglu_keeps_a_third_less_and_gives_the_same_gradients(tiny_model_dir):
-    from tunelab.models.lean import lean_swiglu
+    from tunelab.lm.lean import lean_swiglu
 
     grads, saved = [], []
     for lean in (False, True):

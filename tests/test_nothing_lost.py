@@ -17,7 +17,7 @@ from conftest import make_task
 
 from tunelab.__main__ import main
 from tunelab.artifact import load_artifact
-from tunelab.evaluate.predict import predict_logprobs
+from tunelab.lm.predict import predict_logprobs
 from tunelab.tasks.prepared import PreparedTask
 
 TINY = ["--set", "steps=2", "--set", "batch_size=4", "--set", "eval_every=1"]

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from conftest import make_task
 
 from tunelab.errors import TunelabError
-from tunelab.evaluate.predict import predict_logprobs
+from tunelab.lm.predict import predict_logprobs
+from tunelab.lm.scoring import label_logprobs
 from tunelab.methods import prompt_tuning as pt
 from tunelab.methods.base import TunedLM
-from tunelab.models.scoring import label_logprobs
 from tunelab.tasks import load_task
 from tunelab.tasks.batch import collate
 from tunelab.tasks.prepared import PreparedTask

@@ -144,7 +144,7 @@ def _examples(entry, texts):
 
 
 def test_mixed_batch_equals_one_task_batches_and_the_uncached_path(store):
-    from tunelab.evaluate.predict import predict_logprobs
+    from tunelab.lm.predict import predict_logprobs
     from tunelab.serve.forward import classify_mixed, task_routing
 
     pad = store.backbone.tokenizer.pad_token_id
@@ -172,7 +172,7 @@ def test_mixed_batch_equals_one_task_batches_and_the_uncached_path(store):
 
 
 def test_mixed_generation_equals_one_task_generation(store):
-    from tunelab.evaluate.generate import greedy_generate
+    from tunelab.lm.generate import greedy_generate
     from tunelab.serve.decode import generate_mixed
     from tunelab.serve.forward import task_routing
 

@@ -330,7 +330,7 @@ def test_spider_gold_queries_run_and_judge_themselves_correct(tmp_path):
 
 
 def test_an_answer_that_opens_with_a_newline_is_not_cut_to_nothing():
-    from tunelab.evaluate.generate import cut_at_stop
+    from tunelab.lm.generate import cut_at_stop
 
     # zero-shot models often start their answer on a new line after "SQL:"
     assert cut_at_stop("\n SELECT count(*) FROM singer\n-- next", ["\n"]) == (

@@ -11,7 +11,7 @@ from conftest import TASK_YAML, sentences, write_jsonl
 from safetensors.torch import load_file
 
 from tunelab.__main__ import main
-from tunelab.evaluate.predict import predict_logprobs
+from tunelab.lm.predict import predict_logprobs
 from tunelab.methods import hybrid, prompt_tuning
 from tunelab.methods.base import TunedLM, backbone_alone
 from tunelab.models import load_backbone

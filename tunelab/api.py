@@ -25,8 +25,8 @@ from pathlib import Path
 from tunelab.compare.advise import Advice
 from tunelab.compare.run import DEFAULT_METHODS, CompareResult
 from tunelab.errors import TunelabError
+from tunelab.pipeline import TrainResult
 from tunelab.tasks import TaskSpec
-from tunelab.train.run import TrainResult
 
 __all__ = [
     "Advice",
@@ -77,7 +77,7 @@ def train(
     is reported; `validate_only` never reads it; `validation_log` gets each validation result
     as a JSON line. Returns the result on rank 0 (None on the other ranks of a distributed
     run)."""
-    from tunelab.train.run import make_request, train_task
+    from tunelab.pipeline import make_request, train_task
 
     if steps is not None:
         settings["steps"] = steps

@@ -5,7 +5,6 @@ reproduces training exactly."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import time
 from pathlib import Path
@@ -14,13 +13,11 @@ import torch
 
 from tunelab import __version__, methods
 from tunelab.errors import TunelabError
-from tunelab.io import staged_dir
+from tunelab.io import META, read_meta, staged_dir, write_json
 from tunelab.models import Backbone, load_backbone
 from tunelab.tasks.readers import Record
 from tunelab.tasks.spec import TaskSpec
-from tunelab.train.checkpoint import write_json
 
-META = "tunelab.json"
 BASE_KEYS = ("name", "fingerprint")
 # every file or folder a method's save_files may write, besides META; predictions-SPLIT.jsonl
 # (from `tunelab eval`) describe the weights, so they go with them too
@@ -94,21 +91,6 @@ def _meta(method, method_cfg, task, backbone, train_cfg, metrics, history, demo_
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def read_meta(path: Path) -> dict:
-    meta_path = path / META
-    if not path.is_dir():
-        raise TunelabError(f"{path}: no such adapter directory")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TunelabError(f"{meta_path}: missing; is {path} a tunelab artifact?") from None
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise TunelabError(f"{meta_path}: cannot read: {e}") from None
-    if not isinstance(meta, dict):
-        raise TunelabError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
-    return meta
 
 
 def load_artifact(path: Path, backbone: Backbone | None = None, lora_name: str | None = None):

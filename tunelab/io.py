@@ -1,16 +1,24 @@
-"""Writing results so that none is lost: output paths checked before any work, and artifact
-folders written beside their place and renamed into it as a whole."""
+"""Writing results so that none is lost: output paths checked before any work, files (text, JSON,
+safetensors) written beside their place and renamed over it, and artifact folders renamed into
+place as a whole. Reading them back: tensors with their metadata, an artifact's tunelab.json."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    import torch
+
+META = "tunelab.json"  # an artifact's metadata file
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -110,3 +118,70 @@ def staged_dir(out: Path, replaced: Callable[[str], bool]) -> Iterator[Path]:
         _fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(text: str, path: Path) -> None:
+    """Write a text file atomically (temporary file beside it, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(obj: dict, path: Path) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=list) + "\n", path)
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict | None = None) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename over `path`."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={"tunelab": json.dumps(meta or {})})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A safetensors file's tensors and the metadata `atomic_save` wrote with them."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("tunelab", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise TunelabError(f"{path}: cannot read checkpoint: {e}") from None
+    return tensors, meta
+
+
+def read_tensors_meta(path: Path) -> dict:
+    """A safetensors file's metadata alone (no tensors read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {}).get("tunelab", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise TunelabError(f"{path}: cannot read checkpoint: {e}") from None
+
+
+def read_meta(path: Path) -> dict:
+    """An artifact folder's metadata (its tunelab.json), refused with a clear error when absent."""
+    meta_path = path / META
+    if not path.is_dir():
+        raise TunelabError(f"{path}: no such adapter directory")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TunelabError(f"{meta_path}: missing; is {path} a tunelab artifact?") from None
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise TunelabError(f"{meta_path}: cannot read: {e}") from None
+    if not isinstance(meta, dict):
+        raise TunelabError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    return meta

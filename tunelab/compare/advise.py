@@ -59,7 +59,7 @@ def training_memory(s: Shape, method: str, batch: int, length: int) -> dict[str,
     tokens = batch * length + record.prompt_tokens(cfg)
     # activations kept for backward, per token and layer: the inputs of the two norms, of the
     # attention projections and of o_proj, queries, keys and values, and the MLP's gate and up
-    # outputs and down input (models/lean.py keeps no third tensor), plus attention
+    # outputs and down input (lm/lean.py keeps no third tensor), plus attention
     # probabilities where eager attention stores them
     kv = s.kv_dim or s.hidden
     per_token = 6 * s.hidden + 2 * kv + 3 * s.intermediate

@@ -21,9 +21,9 @@ from tunelab.compare import runs
 from tunelab.compare.runs import BASELINES
 from tunelab.compare.search import PRUNERS, STUDY_FILE, Search, best_trial, space
 from tunelab.errors import TunelabError
+from tunelab.io import write_json
 from tunelab.methods import METHODS, find
 from tunelab.models import DEFAULT_MODEL
-from tunelab.train.checkpoint import write_json
 
 DEFAULT_METHODS = ",".join([*BASELINES, *METHODS])
 OURS = ("results.json", "report.md", "report.html", STUDY_FILE, "trials", runs.LABEL_WORDS)

@@ -28,9 +28,9 @@ def example_input(task) -> dict:
 
 def measure(artifact: Path, repeats: int = 5) -> dict:
     from tunelab.artifact import read_meta
+    from tunelab.device import resolve_device
     from tunelab.evaluate.loaded import load
     from tunelab.models import load_backbone
-    from tunelab.train.loop import resolve_device
 
     meta = read_meta(artifact)
     device = resolve_device("auto")

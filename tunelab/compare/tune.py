@@ -11,7 +11,7 @@ from tunelab import methods
 from tunelab.compare import runs
 from tunelab.compare.search import PRUNERS, STUDY_FILE, Search, best_trial, show_params, space
 from tunelab.errors import TunelabError
-from tunelab.train.checkpoint import write_json
+from tunelab.io import write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -102,7 +102,7 @@ def measure(
     tuned, prep, batch_size: int = 32, padding_side: str = "left", bf16: bool = False
 ) -> Calibration:
     """p_cf of `tuned` on the task's content-free inputs (one forward pass each)."""
-    from tunelab.evaluate.predict import predict_logprobs
+    from tunelab.lm.predict import predict_logprobs
 
     task = prep.task
     logp = predict_logprobs(

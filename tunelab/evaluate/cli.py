@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from tunelab.device import resolve_device
 from tunelab.errors import TunelabError
 from tunelab.evaluate.loaded import distribution, load
 from tunelab.evaluate.metrics import format_confusion
-from tunelab.io import check_writable_dir, prepare_output_file
+from tunelab.io import check_writable_dir, prepare_output_file, write_json, write_text
 from tunelab.methods.base import TunedLM
 from tunelab.models import load_backbone
 from tunelab.tasks import load_task
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.tasks.template import render
-from tunelab.train.checkpoint import write_json
-from tunelab.train.loop import resolve_device
 
 
 def _prediction_rows(prep, split: str, outputs):
@@ -166,16 +164,11 @@ def run_eval(args: argparse.Namespace) -> None:
         args.adapter / f"predictions-{split}.jsonl" if args.adapter else None
     )
     if out is not None:
-        tmp = out.with_name(f".{out.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in _prediction_rows(ev.prep, split, ev.outputs):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
+        rows = _prediction_rows(ev.prep, split, ev.outputs)
+        write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), out)
         print(f"predictions: {out}")
     if args.metrics:
-        tmp = args.metrics.with_name(f".{args.metrics.name}.tmp")
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, args.metrics)
+        write_text(json.dumps(metrics, indent=2) + "\n", args.metrics)
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -281,9 +274,7 @@ def run_label_words(args: argparse.Namespace) -> None:
             f"{found.split} rows of {task.source}\n(training accuracy {found.accuracy:.4f}; "
             f"the task's own verbalizer {found.task_accuracy:.4f})"
         )
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(task_yaml(found.task(task), header), encoding="utf-8")
-        os.replace(tmp, args.out)
+        write_text(task_yaml(found.task(task), header), args.out)
         print(f"\ntask file: {args.out}")
     if args.json is not None:
         record = {"task": task.name, "task_words": task.verbalizer, **found.to_dict()}

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.errors import TunelabError
-from tunelab.evaluate.predict import predict_logprobs, shared_head
-from tunelab.models.head_cache import after_head, head_hidden
-from tunelab.models.scoring import hidden_states, label_logprobs_at, last_positions
+from tunelab.lm.head_cache import after_head, head_hidden
+from tunelab.lm.predict import predict_logprobs, shared_head
+from tunelab.lm.scoring import hidden_states, label_logprobs_at, last_positions
 from tunelab.tasks.batch import collate
 from tunelab.tasks.encode import Example
 from tunelab.tasks.prepared import PreparedTask

@@ -21,16 +21,17 @@ from pathlib import Path
 import torch
 
 from tunelab.artifact import META, load_artifact
+from tunelab.device import autocast, resolve_device
 from tunelab.errors import TunelabError
 from tunelab.evaluate.calibrate import Calibration, apply, is_on, resolve
-from tunelab.evaluate.predict import autocast, evaluate_split, predict_logprobs
+from tunelab.evaluate.predict import evaluate_split
+from tunelab.lm.predict import predict_logprobs
 from tunelab.methods.base import TunedLM
 from tunelab.models import Backbone, load_backbone
 from tunelab.tasks.encode import Example, encode
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.tasks.readers import Record
 from tunelab.tasks.spec import TaskSpec
-from tunelab.train.loop import resolve_device
 
 # what an artifact fixes (so inference prompts exactly as training did) versus what another
 # task file may change (which data to read)
@@ -262,7 +263,7 @@ class LoadedModel:
     def _generate(
         self, examples: list[Example], max_new_tokens: int | None = None, batch_size: int = 16
     ) -> list[str]:
-        from tunelab.evaluate.generate import greedy_generate
+        from tunelab.lm.generate import greedy_generate
 
         gen = self.task.generation
         with autocast(next(self.tuned.parameters()).device, self.bf16):

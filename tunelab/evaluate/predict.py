@@ -1,82 +1,15 @@
-"""Batched label prediction."""
+"""Evaluating a split: batched prediction (tunelab/lm/predict.py) or generation, then metrics."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
 
-from tunelab.models.head_cache import HeadCache, after_head, head_ids, head_label_logprobs, prefill
-from tunelab.models.scoring import label_logprobs, make_batch
-from tunelab.tasks.encode import Example
+from tunelab.device import autocast
+from tunelab.lm.predict import predict_logprobs
 from tunelab.tasks.template import render
-from tunelab.tasks.verbalizer import Verbalizer
 from tunelab.train import distributed
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 math runs in hardware here (CUDA, or a CPU with avx512_bf16 or AMX);
-    elsewhere PyTorch emulates it, slower than float32."""
-    if device.type != "cpu":
-        return True
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def autocast(device: torch.device, bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-@torch.no_grad()
-def predict_logprobs(
-    tuned,
-    examples: list[Example],
-    verbalizer: Verbalizer,
-    pad_id: int,
-    batch_size: int = 32,
-    padding_side: str = "left",
-    bf16: bool = False,
-    progress=None,
-    reuse_head: bool = True,
-) -> torch.Tensor:
-    """(N, C) label log-probabilities, in the order of `examples`.
-
-    With `reuse_head`, the part every prompt starts with (BOS, the soft prompt, shared
-    template text) runs once and each batch attends to its cached keys and values
-    (tunelab/models/head_cache.py); the scores equal the plain path up to float rounding."""
-    device = next(tuned.parameters()).device
-    was_training = tuned.training
-    tuned.eval()
-    # length-sorted batches waste little on padding; results go back to input order
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    out = torch.empty(len(examples), len(verbalizer.labels))
-    with autocast(device, bf16):
-        head = shared_head(tuned, examples) if reuse_head else None
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        part = [examples[i] for i in idx]
-        if head is not None:  # the rows run only what follows the head
-            part = after_head(part, len(head.token_ids))
-        batch = make_batch(tuned, part, verbalizer, pad_id, padding_side, device)
-        with autocast(device, bf16):
-            if head is not None:
-                logp = head_label_logprobs(tuned, head, batch, verbalizer)
-            else:
-                logp = label_logprobs(tuned, batch, verbalizer)
-        out[idx] = logp.float().cpu()
-        if progress is not None:
-            progress.update(len(idx))
-    tuned.train(was_training)
-    return out
-
-
-def shared_head(tuned, examples: list[Example]) -> HeadCache | None:
-    """The head every example starts with (BOS, the soft prompt, shared template text), run
-    once; None where it is not worth it (see `head_cache.head_ids`)."""
-    ids = head_ids(tuned, [ex.ids for ex in examples])
-    return None if ids is None else prefill(tuned, ids)
 
 
 def evaluate_split(
@@ -98,8 +31,8 @@ def evaluate_split(
     `macro_f1_calibrated`, `confusion_calibrated`, `per_row_calibrated`)."""
     from tqdm import tqdm
 
-    from tunelab.evaluate.generate import greedy_generate
     from tunelab.evaluate.metrics import classification_metrics, exact_match, generation_metrics
+    from tunelab.lm.generate import greedy_generate
 
     examples = prepared.examples(split)  # encoded before the clock starts
     task = prepared.task

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.models.head_cache import head_label_logprobs, prefill
-from tunelab.models.scoring import label_logprobs, target_logprobs
+from tunelab.lm.head_cache import head_label_logprobs, prefill
+from tunelab.lm.scoring import label_logprobs, target_logprobs
 
 TRAINABLE_FILE = "trainable.safetensors"
 
@@ -63,7 +63,7 @@ class TunedLM(nn.Module):
     def forward(self, batch: dict, verbalizer=None, head_ids: list[int] | None = None):
         """The batch's scores: (B, C) label log-probabilities, or without a verbalizer the
         log-probabilities of the target tokens. With `head_ids` the rows come without the head
-        every prompt starts with (models/head_cache.py): it runs once here, with gradients, and
+        every prompt starts with (lm/head_cache.py): it runs once here, with gradients, and
         every row attends to it.
 
         The training step goes through this call, so that a wrapper hooked on forward (FSDP's
@@ -136,18 +136,18 @@ def backbone_alone(tuned: TunedLM) -> Iterator[TunedLM | None]:
 
 def save_trainable(tuned: TunedLM, out: Path) -> None:
     """The trained tensors under their own names (methods PEFT has no format for)."""
-    from tunelab.train.checkpoint import atomic_save
+    from tunelab.io import atomic_save
 
     atomic_save(tuned.trainable_state(), out / TRAINABLE_FILE, {"format": "pt"})
 
 
 def load_trainable(tuned: TunedLM, out: Path) -> TunedLM:
-    from tunelab.train.checkpoint import load
+    from tunelab.io import load_tensors
 
     path = out / TRAINABLE_FILE
     if not path.is_file():
         raise TunelabError(f"{path}: missing")
-    tensors, _ = load(path)
+    tensors, _ = load_tensors(path)
     tuned.load_trainable_state(tensors, str(path))
     set_trainable(tuned, False)
     return tuned

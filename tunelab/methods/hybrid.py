@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.io import read_meta
 from tunelab.methods import lora, prompt_tuning
 from tunelab.methods.base import TunedLM, set_trainable
 
@@ -65,7 +66,6 @@ class HybridConfig:
 def _core_settings(core: Path) -> lora.LoraSettings:
     """The LoRA settings a core artifact was trained with."""
     from tunelab import methods
-    from tunelab.artifact import read_meta
 
     meta = read_meta(core)
     record = methods.find(meta["method"])
@@ -79,8 +79,6 @@ def build(backbone, cfg: HybridConfig, verbalizer, seed: int = 0) -> TunedLM:
     import torch
 
     if cfg.core:
-        from tunelab.artifact import read_meta
-
         base = read_meta(Path(cfg.core))["base_model"]
         if base["fingerprint"] != backbone.fingerprint:
             raise TunelabError(

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.io import atomic_save, load_tensors, write_json
 from tunelab.methods.base import TunedLM, set_trainable
-from tunelab.train.checkpoint import atomic_save, load, write_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -77,7 +77,7 @@ def load_lora(model, settings: LoraSettings, out: Path, adapter_name: str = "def
     path = out / ADAPTER_WEIGHTS
     if not path.is_file():
         raise TunelabError(f"{path}: missing")
-    tensors, _ = load(path)
+    tensors, _ = load_tensors(path)
     inject(model, settings, adapter_name)
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
     own = {n for n, _ in model.named_parameters() if "lora_" in n}

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.io import atomic_save, load_tensors, write_json
+from tunelab.lm.scoring import cache_of
 from tunelab.methods.base import TunedLM, set_trainable
-from tunelab.models.scoring import cache_of
-from tunelab.train.checkpoint import atomic_save, load, write_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -152,7 +152,7 @@ def restore(backbone, cfg: PrefixConfig, out: Path, adapter_name: str = "default
     path = out / ENCODER_WEIGHTS if (out / ENCODER_WEIGHTS).is_file() else out / ADAPTER_WEIGHTS
     if not path.is_file():
         raise TunelabError(f"{path}: missing")
-    tensors, _ = load(path)
+    tensors, _ = load_tensors(path)
     if path.name == ADAPTER_WEIGHTS:  # PEFT's file: the values themselves
         tensors = {"embedding": tensors.get("prompt_embeddings")}
     own = prefix.state_dict()

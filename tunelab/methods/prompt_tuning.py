@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.io import atomic_save, load_tensors, write_json
 from tunelab.methods.base import TunedLM, set_trainable
-from tunelab.train.checkpoint import atomic_save, load, write_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -234,7 +234,7 @@ def load_prompt(backbone, cfg: PromptTuningConfig, out: Path) -> SoftPrompt:
     path = out / ADAPTER_WEIGHTS
     if not path.is_file():
         raise TunelabError(f"{path}: missing")
-    tensors, _ = load(path)
+    tensors, _ = load_tensors(path)
     return restore_prompt(backbone, cfg, tensors, str(path))
 
 

@@ -140,10 +140,10 @@ def _limits(args: argparse.Namespace) -> tuple[int | None, int | None]:
 def build(args: argparse.Namespace):
     """(FastAPI app, store) from the parsed arguments; artifacts loaded, errors as TunelabError."""
     from tunelab.artifact import read_meta
+    from tunelab.device import resolve_device
     from tunelab.models import load_backbone
     from tunelab.serve.app import ServeConfig, create_app
     from tunelab.serve.store import AdapterStore
-    from tunelab.train.loop import resolve_device
 
     inference, admin = read_keys(args)
     adapters = [parse_adapter(a) for a in args.adapter]

@@ -1,13 +1,13 @@
 """Greedy generation for rows of many tasks at once, each row continuing its own task's cached
 head (soft prompt, prefix, fixed template text) and stopping by its own task's rules: the same
-decoding as `tunelab predict` (tunelab/evaluate/generate.py), batched across tasks."""
+decoding as `tunelab predict` (tunelab/lm/generate.py), batched across tasks."""
 
 from __future__ import annotations
 
 import torch
 
-from tunelab.evaluate.generate import greedy_generate, greedy_loop
-from tunelab.models.head_cache import after_heads
+from tunelab.lm.generate import greedy_generate, greedy_loop
+from tunelab.lm.head_cache import after_heads
 from tunelab.serve.forward import head_of, length_chunks, routing, task_routing
 from tunelab.tasks.encode import Example
 

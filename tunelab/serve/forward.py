@@ -2,7 +2,7 @@
 
 A task's prompt starts the same way for every request: its key/value prefix (prefix tuning),
 BOS, its soft prompt, and the template's text before the first placeholder. That part's keys
-and values are computed once per task (`HeadCache`, tunelab/models/head_cache.py) and every row
+and values are computed once per task (`HeadCache`, tunelab/lm/head_cache.py) and every row
 of that task attends to them instead of recomputing them. In one batch, rows of different tasks
 sit side by side: each row's cached head is placed right-aligned in one padded cache (its own
 soft prompt and prefix come with it), its own tokens follow, and each task's rows are scored by
@@ -17,14 +17,14 @@ from contextlib import contextmanager
 
 import torch
 
-from tunelab.models.head_cache import (
+from tunelab.lm.head_cache import (
     HeadCache,
     cached_hidden,
     label_rows,
     prefill,
     score_rows,
 )
-from tunelab.models.scoring import label_logprobs, make_batch
+from tunelab.lm.scoring import label_logprobs, make_batch
 from tunelab.tasks.encode import Example
 
 

@@ -67,7 +67,7 @@ class TaskEntry:
     source: str = "startup"  # its folder as clients see it (relative to the adapter root)
     added_bytes: int = 0  # parameter memory the load added (its tensors, its backbone copy)
     adapter: str | None = None  # its LoRA adapter's name inside the shared backbone
-    head_cache: object = None  # models.head_cache.HeadCache, built on first use
+    head_cache: object = None  # lm.head_cache.HeadCache, built on first use
 
     @property
     def tuned(self):  # TunedLM

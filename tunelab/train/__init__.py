@@ -1,4 +1,4 @@
-"""The training loop, its config, and atomic checkpoints.
+"""The training loop, its config, distributed setup and resumable checkpoints.
 
 `tunelab.train(task, ...)` is the Python API's train (tunelab/api.py): this package is callable,
 because `tunelab.train` names the package once any of its modules is imported."""

@@ -9,8 +9,8 @@ from pathlib import Path
 from tunelab import api, methods
 from tunelab.errors import SettingError, TunelabError
 from tunelab.evaluate.metrics import headline
+from tunelab.pipeline import TrainResult, calibrated_text
 from tunelab.train.config import TrainConfig, parse_pairs
-from tunelab.train.run import TrainResult, calibrated_text
 
 
 def settings_help() -> str:

@@ -80,14 +80,13 @@ class TrainConfig:
                 f"got {self.device!r}"
             )
         if self.device == "cuda":
-            from tunelab.train.loop import resolve_device
+            from tunelab.device import resolve_device
 
             resolve_device(self.device)  # refused on a machine without CUDA
         if isinstance(self.bf16, str):
             if self.bf16 != "auto":
                 raise TunelabError(f"bf16 must be true, false or auto, got {self.bf16!r}")
-            from tunelab.evaluate.predict import native_bf16
-            from tunelab.train.loop import resolve_device
+            from tunelab.device import native_bf16, resolve_device
 
             self.bf16 = native_bf16(resolve_device(self.device))
 

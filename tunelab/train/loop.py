@@ -12,21 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from tunelab.device import autocast, native_bf16
 from tunelab.errors import TunelabError
-from tunelab.evaluate.predict import autocast, native_bf16, predict_logprobs
+from tunelab.io import atomic_save, load_tensors
+from tunelab.lm.head_cache import after_head, head_ids
+from tunelab.lm.lean import lean_swiglu
+from tunelab.lm.predict import predict_logprobs
+from tunelab.lm.scoring import make_batch
 from tunelab.methods.base import backbone_alone
-from tunelab.models.head_cache import after_head, head_ids
-from tunelab.models.lean import lean_swiglu
-from tunelab.models.scoring import make_batch
 from tunelab.tasks.encode import Epochs
 from tunelab.train import distributed
-from tunelab.train.checkpoint import (
-    atomic_save,
-    load,
-    load_training_state,
-    restore_trainable,
-    training_state,
-)
+from tunelab.train.checkpoint import load_training_state, restore_trainable, training_state
 from tunelab.train.config import TrainConfig
 
 
@@ -134,23 +130,6 @@ def all_finite(params: list[torch.Tensor], device: torch.device, world) -> bool:
     local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
     bad = 0.0 if not local else float(not torch.stack([t.isfinite().all() for t in local]).all())
     return distributed.all_sum(bad, device, world) == 0
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` (CUDA when there is one), `cpu`, `cuda` or `cuda:N`; anything else, or CUDA on a
-    machine without it, is refused before any work."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kind, _, index = name.partition(":")
-    if name == "cpu" or (kind == "cuda" and (not index or index.isdigit())):
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise TunelabError(f"device {name!r}: this machine has no CUDA device (use cpu)")
-        if index and int(index) >= torch.cuda.device_count():
-            raise TunelabError(
-                f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices"
-            )
-        return torch.device(name)
-    raise TunelabError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def validation_accuracy(tuned, examples, verbalizer, pad_id, cfg: TrainConfig) -> float:
@@ -434,6 +413,6 @@ class _Loop:
         if self.sharded:  # every rank reads its part of the best weights, once rank 0 wrote them
             distributed.barrier(self.world)
         if (self.world.main or self.sharded) and self.best_path.is_file():
-            restore_trainable(self.tuned, load(self.best_path)[0])
+            restore_trainable(self.tuned, load_tensors(self.best_path)[0])
         if not self.sharded:  # rank 0 restored the best weights; the others take them
             distributed.broadcast_trainable(self.tuned, self.world)

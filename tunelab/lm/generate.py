@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.models.scoring import with_cache
+from tunelab.lm.scoring import with_cache
 from tunelab.tasks.batch import _pad
 from tunelab.tasks.encode import Example
 

@@ -3,7 +3,7 @@
 Every prompt of a task starts the same way: its key/value prefix (prefix tuning), BOS, its
 soft prompt, and the template's text before the first placeholder. That part's keys and values
 are computed once (`prefill` → `HeadCache`) and each row runs only its own tokens, attending to
-the cached head (`cached_hidden`). Evaluation uses it for one task (tunelab/evaluate/predict.py)
+the cached head (`cached_hidden`). Evaluation uses it for one task (tunelab/lm/predict.py)
 and the server for rows of many tasks in one batch, each row with its own task's head
 (tunelab/serve/forward.py). Scores equal the uncached path up to float rounding.
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tunelab.models.scoring import cache_of, label_logprobs_at, last_positions, with_cache
+from tunelab.lm.scoring import cache_of, label_logprobs_at, last_positions, with_cache
 from tunelab.tasks.batch import _pad
 from tunelab.tasks.encode import Example
 from tunelab.tasks.verbalizer import Verbalizer

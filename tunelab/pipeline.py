@@ -23,12 +23,12 @@ from tunelab.evaluate.calibrate import refuse_generation
 from tunelab.evaluate.metrics import headline
 from tunelab.evaluate.predict import evaluate_split
 from tunelab.io import check_writable_dir
+from tunelab.io import read_tensors_meta as read_checkpoint_meta
 from tunelab.methods.base import TunedLM
 from tunelab.models import load_backbone
 from tunelab.tasks import TaskSpec
 from tunelab.tasks.prepared import PreparedTask
 from tunelab.train import distributed
-from tunelab.train.checkpoint import read_meta as read_checkpoint_meta
 from tunelab.train.config import TrainConfig, apply_settings
 from tunelab.train.loop import epochs_in_run, train
 
