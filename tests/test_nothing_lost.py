@@ -26,10 +26,10 @@ TINY = ["--set", "steps=2", "--set", "batch_size=4", "--set", "eval_every=1"]
 # write (after the new weights, or after the new tunelab.json): before the new folder is whole
 REWRITE = textwrap.dedent(
     """
-    import os, signal, sys
+    import dataclasses, os, signal, sys
     from pathlib import Path
     import torch
-    from tunelab import artifact
+    from tunelab import artifact, methods
     from tunelab.methods import prompt_tuning
 
     out, point = Path(sys.argv[1]), sys.argv[2]
@@ -45,7 +45,10 @@ REWRITE = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
         return wrapped
 
-    prompt_tuning.save_files = killed_after(prompt_tuning.save_files, "weights")
+    record = methods.METHODS["prompt-tuning"]  # the registry's record is what save_artifact calls
+    methods.METHODS["prompt-tuning"] = dataclasses.replace(
+        record, save_files=killed_after(record.save_files, "weights")
+    )
     artifact.write_json = killed_after(artifact.write_json, "metadata")
     artifact.save_artifact(out, "prompt-tuning", cfg, tuned, task, backbone)
     """

@@ -97,6 +97,8 @@ def test_readme_commands_run(tmp_path):
         args = shlex.split(line.replace("runs/", f"{tmp_path}/runs/"))
         sub = args.index("tunelab") + 1 if args[0] == "torchrun" else 1
         args += BUDGET[args[sub]]
+        if args[sub] == "compare" and "--methods" not in args:  # all 9: one of each kind is enough
+            args += ["--methods", "zero-shot,in-context,prompt-tuning,lora"]
         if "--tune" in args:  # a search of two trials, one trained method, one seed
             args += ["--tune", "2", "--seeds", "1", "--methods", "zero-shot,prompt-tuning"]
         if args[0] == "torchrun":  # torchrun is `python -m torch.distributed.run`

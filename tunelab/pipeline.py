@@ -193,6 +193,8 @@ def prepare_data(req: Request, backbone, say: Say) -> Data:
     report = None if req.validate_only else prep.eval_split(req.eval_split)
     if report is not None:
         prep.limit(report, req.limit)
+    if val_name in prep.splits:  # a quick look validates on as few rows as it reports on
+        prep.limit(val_name, req.limit)
     epochs = prep.training_examples(epochs_in_run(max(1, len(prep.split("train"))), cfg))
     train_ex = epochs.of(0)
     val_ex = prep.examples(val_name) if val_name in prep.splits else []

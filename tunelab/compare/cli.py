@@ -48,7 +48,12 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
         help="the split every method is scored on (default: test, else validation)",
     )
     p.add_argument("--demos", type=int, default=1, help="demonstrations per class for in-context")
-    p.add_argument("--limit", type=int, default=None, help="score on the first N rows only")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="a quick look: validate and score every run on the first N rows of each split only",
+    )
     p.add_argument(
         "--calibrate",
         action="store_true",

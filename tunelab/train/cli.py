@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--limit",
         type=int,
         default=None,
-        help="report on the first N rows of that split only (a quick look)",
+        help="a quick look: validate and report on the first N rows of each split only",
     )
     p.add_argument(
         "--validate-only",
