@@ -73,8 +73,9 @@ def train(
     42; `tunelab train --help` lists them all). `model`: hub id, local directory or .gguf
     (default the built-in SmolLM2-135M-Instruct). `resume` continues the run in `out`;
     `overwrite` replaces what `out` holds. `baseline` also scores the untrained model;
-    `calibrate` measures and stores content-free calibration; `eval_split`/`limit` choose what
-    is reported; `validate_only` never reads it; `validation_log` gets each validation result
+    `calibrate` measures and stores content-free calibration; `eval_split` chooses what is
+    reported; `limit` keeps the first N rows of it and of validation (a quick look);
+    `validate_only` never reads the reported split; `validation_log` gets each validation result
     as a JSON line. Returns the result on rank 0 (None on the other ranks of a distributed
     run)."""
     from tunelab.pipeline import make_request, train_task
