@@ -23,3 +23,27 @@ def __getattr__(name: str):
     if name in ("TunelabError", "SettingError"):
         return getattr(importlib.import_module("tunelab.errors"), name)
     raise AttributeError(f"module 'tunelab' has no attribute {name!r}")
+
+
+def callable_package(package: str, function: str) -> None:
+    """Make the subpackage `package` callable as `tunelab.api.<function>`: `tunelab.train` and
+    `tunelab.compare` name the API's functions and also subpackages, and Python binds the name
+    to the subpackage once any of its modules is imported."""
+    import importlib
+    import sys
+    import types
+
+    def api_function():
+        return getattr(importlib.import_module("tunelab.api"), function)
+
+    class _Callable(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return api_function()(*args, **kwargs)
+
+        @property
+        def __signature__(self):
+            import inspect
+
+            return inspect.signature(api_function())
+
+    sys.modules[package].__class__ = _Callable
