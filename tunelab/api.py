@@ -17,8 +17,6 @@ returned, not printed.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
 from pathlib import Path
 
@@ -98,9 +96,9 @@ def train(
         limit=limit,
         validate_only=validate_only,
         validation_log=Path(validation_log) if validation_log else None,
+        progress=progress,
     )
-    with _quiet(not progress):
-        return train_task(request, say=print if progress else _silent)
+    return train_task(request, say=print if progress else _silent)
 
 
 def load(path: str | Path, **kw):
@@ -234,18 +232,3 @@ def _stderr(message: str) -> None:
     import sys
 
     print(message, file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _quiet(quiet: bool):
-    """With `progress=False`: silence what the training loop and evaluation print themselves
-    (progress bars, "resumed from", "early stop") by sending the streams to devnull."""
-    if not quiet:
-        yield
-        return
-    with (
-        open(os.devnull, "w") as null,
-        contextlib.redirect_stdout(null),
-        contextlib.redirect_stderr(null),
-    ):
-        yield

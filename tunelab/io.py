@@ -160,6 +160,31 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file that must be there (an artifact's weights)."""
+    if not path.is_file():
+        raise TunelabError(f"{path}: missing")
+    return load_tensors(path)[0]
+
+
+def check_shapes(tensors: dict, want: dict[str, tuple], source, complete: bool = True) -> None:
+    """Refuse, naming `source`, tensors that have no place in `want` (name -> shape), have
+    another shape, or (when `complete`) are missing."""
+    for name in tensors:
+        if name not in want:
+            raise TunelabError(f"{source}: tensor {name!r} has no place in this model")
+    for name, shape in want.items():
+        got = tensors.get(name)
+        if got is None and complete:
+            have = ", ".join(tensors) or "nothing"
+            raise TunelabError(f"{source}: no tensor {name!r} (has: {have})")
+        if got is not None and tuple(got.shape) != tuple(shape):
+            raise TunelabError(
+                f"{source}: tensor {name!r} has shape {tuple(got.shape)}, but this model and "
+                f"config need {tuple(shape)}"
+            )
+
+
 def read_tensors_meta(path: Path) -> dict:
     """A safetensors file's metadata alone (no tensors read)."""
     from safetensors import SafetensorError, safe_open

@@ -73,6 +73,7 @@ class Request:
     limit: int | None = None
     validate_only: bool = False
     validation_log: Path | None = None  # each validation result as a JSON line, as it comes
+    progress: bool = True  # progress bars (lines go to train_task's `say`)
 
     @property
     def run_id(self) -> dict:
@@ -129,7 +130,7 @@ def train_task(req: Request, say: Say = print) -> TrainResult | None:
     if req.overwrite and world.main:  # the replaced run's; kept until this one can start
         shutil.rmtree(req.out / "checkpoints", ignore_errors=True)
     start = time.perf_counter()
-    result = fit(req, tuned, backbone, data)
+    result = fit(req, tuned, backbone, data, say)
     seconds = time.perf_counter() - start
     metrics, calibration = score_best(req, tuned, data, world)
     if not world.main:  # rank 0 holds the same weights and writes the one artifact
@@ -217,7 +218,9 @@ def zero_shot_baseline(req: Request, backbone, data: Data, say: Say) -> dict:
     untrained = TunedLM(backbone.model)
     evaluate = eval_options(req.train_cfg)
     cal = measure_calibration(untrained, data.prep, **evaluate) if req.task.calibrate else None
-    baseline, _ = evaluate_split(untrained, data.prep, data.report, calibration=cal, **evaluate)
+    baseline, _ = evaluate_split(
+        untrained, data.prep, data.report, calibration=cal, bars=req.progress, **evaluate
+    )
     say(
         "zero-shot {} {}: {:.4f}".format(data.report, *headline(baseline))
         + calibrated_text(baseline)
@@ -247,7 +250,7 @@ def build_tuned(req: Request, backbone, data: Data, say: Say):
     return tuned, n_train, n_total
 
 
-def fit(req: Request, tuned, backbone, data: Data):
+def fit(req: Request, tuned, backbone, data: Data, say: Say):
     """The training loop (train/loop.py), with the task's validation and the request's options."""
     cfg, method_cfg, evaluate = req.train_cfg, req.method_cfg, eval_options(req.train_cfg)
     validate = None
@@ -256,7 +259,8 @@ def fit(req: Request, tuned, backbone, data: Data):
         # picks the best checkpoint
         def validate(t) -> float:
             split = req.task.validation.split
-            return headline(evaluate_split(t, data.prep, split, **evaluate)[0])[1]
+            scored = evaluate_split(t, data.prep, split, bars=req.progress, **evaluate)
+            return headline(scored[0])[1]
 
     def follow(record: dict) -> None:  # one JSON line per validation, flushed at once
         with open(req.validation_log, "a", encoding="utf-8") as f:
@@ -277,6 +281,8 @@ def fit(req: Request, tuned, backbone, data: Data):
         on_validation=follow if req.validation_log else None,
         run=req.run_id,
         zero_shot=not req.validate_only,  # a search's trials need only their own curve
+        say=say,
+        bars=req.progress,
     )
 
 
@@ -292,7 +298,12 @@ def score_best(req: Request, tuned, data: Data, world):
                 calibration = measure_calibration(tuned, data.prep, **evaluate)
             if data.report is not None:
                 metrics, _ = evaluate_split(
-                    tuned, data.prep, data.report, calibration=calibration, **evaluate
+                    tuned,
+                    data.prep,
+                    data.report,
+                    calibration=calibration,
+                    bars=req.progress,
+                    **evaluate,
                 )
     if sharded:
         distributed.unshard_to_main(tuned, world)  # rank 0 writes whole tensors

@@ -21,6 +21,7 @@ from tunelab.compare import runs
 from tunelab.compare.runs import BASELINES
 from tunelab.compare.search import PRUNERS, STUDY_FILE, Search, best_trial, space
 from tunelab.errors import TunelabError
+from tunelab.evaluate.metrics import headline_key
 from tunelab.io import write_json
 from tunelab.methods import METHODS, find
 from tunelab.models import DEFAULT_MODEL
@@ -362,7 +363,7 @@ def _results(c: Comparison, records, tuning, verbalizer=None) -> dict:
         "task": task.name,
         "task_kind": "generation" if task.is_generation else "classification",
         "split": next((r["split"] for r in ok), c.eval_split),
-        "metric": runs.headline_metric(task),
+        "metric": headline_key(task),
         # records' metrics hold `accuracy_calibrated` too (content-free calibration)
         "calibrate": bool(c.calibrate or task.calibrate),
         "verbalizer": verbalizer,

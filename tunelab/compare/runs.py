@@ -219,13 +219,6 @@ def measure_switch(run_dir: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def headline_metric(task) -> str:
-    """What a task's methods are ranked by."""
-    if task.sql is not None:
-        return "execution_accuracy"  # runs the SQL: exact match undercounts right queries
-    return "exact_match" if task.is_generation else "accuracy"
-
-
 def headline_metrics(m: dict) -> dict:
     return {k: m[k] for k in HEADLINE_KEYS if k in m}
 

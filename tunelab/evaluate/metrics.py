@@ -70,7 +70,15 @@ def generation_metrics(golds: list[str], preds: list[str]) -> dict:
     }
 
 
+def headline_key(task) -> str:
+    """The one metric a task's runs are judged and ranked by: accuracy, execution accuracy for
+    SQL (it runs the query: exact match undercounts right queries), else exact match."""
+    if task.sql is not None:
+        return "execution_accuracy"
+    return "exact_match" if task.is_generation else "accuracy"
+
+
 def headline(metrics: dict) -> tuple[str, float]:
-    """The one number a run is judged by: accuracy, execution accuracy (SQL), else exact match."""
+    """(name, value) of the headline metric (`headline_key`) among a run's metrics."""
     key = next(k for k in ("accuracy", "execution_accuracy", "exact_match") if k in metrics)
     return key.replace("_", " "), metrics[key]

@@ -20,6 +20,7 @@ def evaluate_split(
     padding_side: str = "left",
     bf16: bool = False,
     calibration=None,
+    bars: bool = True,
 ) -> tuple[dict, torch.Tensor | list[str]]:
     """Metrics of the model on one split of a prepared task, and its outputs: (N, C) label
     log-probabilities for classification, the generated texts for generation.
@@ -28,7 +29,8 @@ def evaluate_split(
     paired tests between methods resample (tunelab/compare/stats.py). With a `calibration`
     (tunelab/evaluate/calibrate.py) the outputs are the calibrated log-probabilities, and the
     metrics keep the uncalibrated scores beside the calibrated ones (`accuracy_calibrated`,
-    `macro_f1_calibrated`, `confusion_calibrated`, `per_row_calibrated`)."""
+    `macro_f1_calibrated`, `confusion_calibrated`, `per_row_calibrated`). `bars=False` hides
+    the progress bar."""
     from tqdm import tqdm
 
     from tunelab.evaluate.metrics import classification_metrics, exact_match, generation_metrics
@@ -45,7 +47,8 @@ def evaluate_split(
             dynamic_ncols=True,
             mininterval=1.0,
             leave=False,
-            disable=not distributed.world().main,  # one bar (under FSDP every rank evaluates)
+            # one bar (under FSDP every rank evaluates)
+            disable=not (bars and distributed.world().main),
         ) as bar,
         autocast(next(tuned.parameters()).device, bf16),
     ):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.lm.scoring import with_cache
+from tunelab.lm.scoring import after_prefix, with_cache
 from tunelab.tasks.batch import _pad
 from tunelab.tasks.encode import Example
 
@@ -42,11 +42,8 @@ def greedy_generate(
         ids, mask = ids.to(device), mask.to(device)
         embeds, mask = tuned.embed(ids, mask)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        if tuned.prefix is not None:
-            cache = tuned.prefix.cache(len(idx), embeds.dtype)
-            pos = pos + tuned.prefix.n
-            mask = torch.cat([mask.new_ones(len(idx), tuned.prefix.n), mask], 1)
-        else:
+        mask, pos, cache = after_prefix(tuned, mask, pos, embeds.dtype)
+        if cache is None:
             cache = DynamicCache()
         texts = greedy_loop(
             tuned.model,

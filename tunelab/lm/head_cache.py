@@ -18,7 +18,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tunelab.lm.scoring import cache_of, label_logprobs_at, last_positions, with_cache
+from tunelab.lm.scoring import (
+    after_prefix,
+    cache_of,
+    expanded_cache,
+    label_logprobs_at,
+    last_positions,
+    with_cache,
+)
 from tunelab.tasks.batch import _pad
 from tunelab.tasks.encode import Example
 from tunelab.tasks.verbalizer import Verbalizer
@@ -104,11 +111,8 @@ def prefill(tuned, ids: list[int]) -> HeadCache:
         else:  # a soft prompt alone: no tokens to embed around it
             embeds = prompt.vectors()[None].to(model.get_input_embeddings().weight.dtype)
             mask = torch.ones(1, n_prompt, dtype=torch.long, device=device)
-        pos = torch.arange(embeds.size(1), device=device)[None] + n_prefix
-        cache = None
-        if tuned.prefix is not None:
-            cache = tuned.prefix.cache(1, embeds.dtype)
-            mask = torch.cat([mask.new_ones(1, n_prefix), mask], 1)
+        pos = torch.arange(embeds.size(1), device=device)[None]
+        mask, pos, cache = after_prefix(tuned, mask, pos, embeds.dtype)
         out = model.base_model(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -155,8 +159,6 @@ def cached_hidden(model, heads: list[HeadCache], used: list[int], suffixes: list
 def head_hidden(tuned, head: HeadCache, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Final hidden states (B, S, D) of rows that all continue the whole of one head: its keys
     and values are expanded over the batch (a view, no copy). Padding either side."""
-    from transformers import DynamicCache
-
     model = tuned.model
     B = input_ids.size(0)
     embeds = model.get_input_embeddings()(input_ids)  # (B, S, D)
@@ -165,9 +167,7 @@ def head_hidden(tuned, head: HeadCache, input_ids: torch.Tensor, attention_mask:
         return model.base_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pos
         ).last_hidden_state
-    cache = DynamicCache()
-    for layer, (k, v) in enumerate(zip(head.keys, head.values)):  # (H, P, Dh) each
-        cache.update(k[None].expand(B, -1, -1, -1), v[None].expand(B, -1, -1, -1), layer)
+    cache = expanded_cache(head.keys, head.values, B)
     mask = torch.cat([attention_mask.new_ones(B, head.slots), attention_mask], 1)
     out = model.base_model(
         inputs_embeds=embeds,

@@ -47,6 +47,28 @@ def cache_of(out):
     return out.cache if "cache" in out else out.past_key_values
 
 
+def expanded_cache(keys, values, batch_size: int):
+    """A DynamicCache holding the same keys and values, (layers, H, P, Dh) each, before every
+    row of a batch: expanded over the batch (a view, no copy)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(zip(keys[:, None], values[:, None])):  # (1, H, P, Dh) each
+        cache.update(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1), layer)
+    return cache
+
+
+def after_prefix(tuned, mask: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """(mask, positions, cache) for input rows that follow `tuned`'s key/value prefix (prefix
+    tuning): the tokens attend to its n cached slots and their positions start after them, as
+    PEFT's prefix tuning places them. Without a prefix: unchanged, and no cache (None)."""
+    if tuned.prefix is None:
+        return mask, positions, None
+    n = tuned.prefix.n
+    widened = torch.cat([mask.new_ones(mask.size(0), n), mask], 1)
+    return widened, positions + n, tuned.prefix.cache(mask.size(0), dtype)
+
+
 def last_positions(mask: torch.Tensor) -> torch.Tensor:
     """(B, T) mask → (B,) index of each row's last real token, for left or right padding."""
     return mask.size(1) - 1 - mask.flip(1).argmax(1)
@@ -57,15 +79,8 @@ def hidden_states(tuned, input_ids, attention_mask):
     embeds, mask = tuned.embed(input_ids, attention_mask)
     # positions count real tokens only, so left padding does not shift the rotary positions
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    extra = {}
-    mask_in = mask
-    if tuned.prefix is not None:
-        # the prefix sits before every row as n cached positions: the tokens attend to it and
-        # their positions start after it (as PEFT's prefix tuning places them)
-        n = tuned.prefix.n
-        extra = with_cache(tuned.model.base_model, tuned.prefix.cache(embeds.size(0), embeds.dtype))
-        position_ids = position_ids + n
-        mask_in = torch.cat([mask.new_ones(mask.size(0), n), mask], 1)
+    mask_in, position_ids, cache = after_prefix(tuned, mask, position_ids, embeds.dtype)
+    extra = {} if cache is None else with_cache(tuned.model.base_model, cache)
     out = tuned.model.base_model(
         inputs_embeds=embeds, attention_mask=mask_in, position_ids=position_ids, **extra
     )

@@ -91,15 +91,10 @@ class TunedLM(nn.Module):
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source: str = "") -> None:
+        from tunelab.io import check_shapes
+
         params = dict(self.named_parameters())
-        for name, value in state.items():
-            if name not in params:
-                raise TunelabError(f"{source}: tensor {name!r} has no place in this model")
-            if params[name].shape != value.shape:
-                raise TunelabError(
-                    f"{source}: tensor {name!r} has shape {tuple(value.shape)}, but this model "
-                    f"needs {tuple(params[name].shape)}"
-                )
+        check_shapes(state, {n: p.shape for n, p in params.items()}, source, complete=False)
         with torch.no_grad():
             for name, value in state.items():
                 params[name].copy_(value)
@@ -142,12 +137,9 @@ def save_trainable(tuned: TunedLM, out: Path) -> None:
 
 
 def load_trainable(tuned: TunedLM, out: Path) -> TunedLM:
-    from tunelab.io import load_tensors
+    from tunelab.io import read_tensors
 
     path = out / TRAINABLE_FILE
-    if not path.is_file():
-        raise TunelabError(f"{path}: missing")
-    tensors, _ = load_tensors(path)
-    tuned.load_trainable_state(tensors, str(path))
+    tuned.load_trainable_state(read_tensors(path), str(path))
     set_trainable(tuned, False)
     return tuned

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.io import atomic_save, load_tensors, write_json
+from tunelab.io import atomic_save, check_shapes, read_tensors, write_json
 from tunelab.methods.base import TunedLM, set_trainable
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -75,24 +75,17 @@ def load_lora(model, settings: LoraSettings, out: Path, adapter_name: str = "def
     from peft import set_peft_model_state_dict
 
     path = out / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise TunelabError(f"{path}: missing")
-    tensors, _ = load_tensors(path)
+    tensors = read_tensors(path)
     inject(model, settings, adapter_name)
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
-    own = {n for n, _ in model.named_parameters() if "lora_" in n}
-    for key, value in state.items():
-        name = key.replace(".lora_A.", f".lora_A.{adapter_name}.").replace(
+    own = {n: p.shape for n, p in model.named_parameters() if "lora_" in n}
+    named = {  # the file's names -> this model's, where the adapter's name is part of the name
+        k: k.replace(".lora_A.", f".lora_A.{adapter_name}.").replace(
             ".lora_B.", f".lora_B.{adapter_name}."
         )
-        if name not in own:
-            raise TunelabError(f"{path}: tensor {key!r} has no place in this model")
-        want = tuple(dict(model.named_parameters())[name].shape)
-        if tuple(value.shape) != want:
-            raise TunelabError(
-                f"{path}: tensor {key!r} has shape {tuple(value.shape)}, but this "
-                f"model and config need {want}"
-            )
+        for k in state
+    }
+    check_shapes(state, {k: own[n] for k, n in named.items() if n in own}, path, complete=False)
     set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     set_trainable(model, False)
 

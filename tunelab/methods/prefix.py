@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.io import atomic_save, load_tensors, write_json
-from tunelab.lm.scoring import cache_of
+from tunelab.io import atomic_save, check_shapes, read_tensors, write_json
+from tunelab.lm.scoring import cache_of, expanded_cache
 from tunelab.methods.base import TunedLM, set_trainable
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -73,17 +73,10 @@ class Prefix(nn.Module):
 
     def cache(self, batch_size: int, dtype: torch.dtype):
         """A fresh DynamicCache holding the prefix for every row (the model appends to it)."""
-        from transformers import DynamicCache
-
         kv = self.values().to(dtype)
         kv = kv.view(self.n, self.layers * 2, self.heads, self.head_dim)  # (n, 2L, H, Dh)
-        kv = kv.permute(1, 2, 0, 3)  # (2L, H, n, Dh)
-        cache = DynamicCache()
-        for layer in range(self.layers):
-            k = kv[2 * layer].unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, H, n, Dh)
-            v = kv[2 * layer + 1].unsqueeze(0).expand(batch_size, -1, -1, -1)
-            cache.update(k, v, layer)
-        return cache
+        kv = kv.permute(1, 2, 0, 3)  # (2L, H, n, Dh): keys at even rows, values at odd
+        return expanded_cache(kv[0::2], kv[1::2], batch_size)
 
 
 @torch.no_grad()
@@ -150,20 +143,11 @@ def restore(backbone, cfg: PrefixConfig, out: Path, adapter_name: str = "default
     set_trainable(backbone.model, False)
     prefix = Prefix(backbone.model, cfg)
     path = out / ENCODER_WEIGHTS if (out / ENCODER_WEIGHTS).is_file() else out / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise TunelabError(f"{path}: missing")
-    tensors, _ = load_tensors(path)
+    tensors = read_tensors(path)
     if path.name == ADAPTER_WEIGHTS:  # PEFT's file: the values themselves
-        tensors = {"embedding": tensors.get("prompt_embeddings")}
+        tensors = {("embedding" if k == "prompt_embeddings" else k): v for k, v in tensors.items()}
     own = prefix.state_dict()
-    for name, want in own.items():
-        got = tensors.get(name)
-        if got is None or got.shape != want.shape:
-            shape = None if got is None else tuple(got.shape)
-            raise TunelabError(
-                f"{path}: tensor {name!r} has shape {shape}, but this model and "
-                f"config need {tuple(want.shape)}"
-            )
-    prefix.load_state_dict({k: tensors[k] for k in own})
+    check_shapes(tensors, {k: v.shape for k, v in own.items()}, path)
+    prefix.load_state_dict(tensors)
     prefix.requires_grad_(False)
     return TunedLM(backbone.model, bos_id=backbone.tokenizer.bos_token_id, prefix=prefix)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.io import atomic_save, load_tensors, write_json
+from tunelab.io import atomic_save, check_shapes, read_tensors, write_json
 from tunelab.methods.base import TunedLM, set_trainable
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -183,15 +183,9 @@ def build(backbone, cfg: PromptTuningConfig, verbalizer, seed: int = 0) -> Tuned
 
 def restore_prompt(backbone, cfg: PromptTuningConfig, tensors: dict, source: str) -> SoftPrompt:
     """A trained prompt from PEFT-format tensors, its shape checked against model and config."""
-    weight = tensors.get("prompt_embeddings")
     want = (cfg.num_virtual_tokens, backbone.model.get_input_embeddings().weight.shape[1])
-    if weight is None:
-        raise TunelabError(f"{source}: no tensor 'prompt_embeddings' (has: {', '.join(tensors)})")
-    if tuple(weight.shape) != want:
-        raise TunelabError(
-            f"{source}: prompt_embeddings has shape {tuple(weight.shape)}, but this model and "
-            f"config need {want} ({cfg.num_virtual_tokens} virtual tokens x hidden size)"
-        )
+    check_shapes(tensors, {"prompt_embeddings": want}, source)  # virtual tokens x hidden size
+    weight = tensors["prompt_embeddings"]
     prompt = SoftPrompt(weight.to(backbone.model.get_input_embeddings().weight.dtype), cfg.insert)
     prompt.requires_grad_(False)
     return prompt
@@ -232,10 +226,7 @@ def save_prompt(
 
 def load_prompt(backbone, cfg: PromptTuningConfig, out: Path) -> SoftPrompt:
     path = out / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise TunelabError(f"{path}: missing")
-    tensors, _ = load_tensors(path)
-    return restore_prompt(backbone, cfg, tensors, str(path))
+    return restore_prompt(backbone, cfg, read_tensors(path), str(path))
 
 
 def save_files(tuned: TunedLM, cfg: PromptTuningConfig, out: Path, base_path: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -155,6 +156,8 @@ def train(
     on_validation=None,
     run: dict | None = None,
     zero_shot: bool = False,
+    say=print,
+    bars: bool = True,
 ) -> TrainResult:
     """Train `tuned`'s trainable parameters; leave it holding the best validation weights.
 
@@ -168,6 +171,7 @@ def train(
     of the backbone alone (`zero_shot`: no soft prompt, prefix or head, adapters off).
     `run` (task, method and its config) is kept in the checkpoint, so that --resume can refuse
     another run's. `train_ex` is a list of examples, or `Epochs`: the rows encoded per epoch.
+    Lines ("resumed from", "early stop") go to `say`; `bars=False` hides the progress bar.
     """
     world, device = distributed.init(cfg.device)
     prepare_model(tuned, cfg, world, device)
@@ -183,6 +187,7 @@ def train(
         opt=torch.optim.AdamW(tuned.param_groups(lr, weight_decay)),
         ckpt_dir=out_dir / "checkpoints", run=run or {},
         val_ex=val_ex, validate=validate, on_validation=on_validation, zero_shot=zero_shot,
+        say=say, bars=bars,
     )  # fmt: skip
     if resume:
         loop.resume()
@@ -216,7 +221,7 @@ def train(
             loop.save_last()
     loop.bar.close()
     if res.stopped_early and world.main:
-        print(f"early stop at step {res.step}: no improvement in {cfg.patience} validation runs")
+        say(f"early stop at step {res.step}: no improvement in {cfg.patience} validation runs")
     if res.best_step is not None:
         loop.restore_best()
     tuned.eval()
@@ -267,6 +272,8 @@ class _Loop:
     validate: object = None
     on_validation: object = None
     zero_shot: bool = False
+    say: Callable = print
+    bars: bool = True
     res: TrainResult = field(default_factory=TrainResult)
     bar: object = None
 
@@ -282,7 +289,7 @@ class _Loop:
             meta = load_training_state(self.last_path, self.tuned, self.opt)
             self.res = TrainResult(**{k: v for k, v in meta["result"].items()})
             if self.world.main:
-                print(f"resumed from {self.last_path} at step {self.res.step}")
+                self.say(f"resumed from {self.last_path} at step {self.res.step}")
 
     def open_bar(self) -> None:
         self.bar = tqdm(
@@ -292,7 +299,7 @@ class _Loop:
             unit="step",
             dynamic_ncols=True,
             mininterval=1.0,
-            disable=not self.world.main,
+            disable=not (self.bars and self.world.main),
         )
 
     def step(self) -> float:
