@@ -30,7 +30,7 @@ from tunelab.methods.base import TunedLM
 from tunelab.models import Backbone, load_backbone
 from tunelab.tasks.encode import Example, encode
 from tunelab.tasks.prepared import PreparedTask
-from tunelab.tasks.readers import Record
+from tunelab.tasks.readers import Record, json_object
 from tunelab.tasks.spec import TaskSpec
 
 # what an artifact fixes (so inference prompts exactly as training did) versus what another
@@ -90,12 +90,7 @@ def record(task: TaskSpec, item: str | dict, i: int, json_input: bool = False) -
     text = item
     fields = _fields(task, text)
     if fields is None and json_input:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TunelabError(f"input {i}: not valid JSON ({e.msg}): {text[:80]!r}") from None
-        if not isinstance(obj, dict):
-            raise TunelabError(f"input {i}: expected a JSON object, got {text[:80]!r}")
+        obj = json_object(text, f"input {i}")
         missing = [f for f in task.input_fields if f not in obj]
         raise TunelabError(f"input {i}: missing field {missing[0]!r}: {text[:80]!r}")
     if fields is None:

@@ -25,18 +25,22 @@ class Record:
         return at(self.source, self.line)
 
 
+def json_object(text: str, where: str) -> dict:
+    """One JSON object (a JSONL line, a request's input); an error naming `where` otherwise."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TunelabError(f"{where}: not valid JSON ({e.msg}): {text[:80]!r}") from None
+    if not isinstance(obj, dict):
+        raise TunelabError(f"{where}: expected a JSON object, got {text[:80]!r}")
+    return obj
+
+
 def _read_jsonl(path: Path, text: str) -> list[Record]:
     rows = []
     for n, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TunelabError(f"{at(path, n)}: not valid JSON ({e.msg}): {line[:80]!r}") from None
-        if not isinstance(obj, dict):
-            raise TunelabError(f"{at(path, n)}: expected a JSON object, got {line[:80]!r}")
-        rows.append(Record(obj, str(path), n))
+        if line.strip():
+            rows.append(Record(json_object(line, at(path, n)), str(path), n))
     return rows
 
 
