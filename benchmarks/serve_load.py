@@ -18,6 +18,15 @@ ratio, whether both sides gave every request the same label, their accuracy, and
 times (tunelab: extra cost of a batch of 8 different tasks over one of a single task, per
 row; hot-loading a soft prompt; PEFT: `set_adapter`). Untrained prompts (vocabulary-sampled
 initialisations, 8 seeds) are enough: both sides serve the same artifacts.
+
+    python benchmarks/serve_load.py --generation-mix --requests 96 --clients 16
+
+`--generation-mix` measures generation instead: one tunelab server batching continuously and
+one batching statically (`--static-batching`, each gathered batch decodes to its end), fed the
+same mix of short (`--short-tokens`, 4) and long (`--long-tokens`, 64) /v1/generate requests
+over 8 prompt-tuned rewriting tasks built on the demo corpus (no stop strings, so a long
+request runs to its limit unless the model ends it). It prints p50/p99 latency of short and
+long requests for each side and whether both sides returned the same text for every request.
 """
 
 from __future__ import annotations
@@ -197,6 +206,148 @@ def switch_times(store, names: list[str], text: str, repeats: int = 3) -> dict:
     }
 
 
+REWRITE_TEMPLATE = "Tweet: {text}\nThe same tweet in formal English:"
+
+
+def rewrite_task():
+    """A generation task on the demo corpus: each tweet, rewritten (the target is the tweet
+    itself; untrained prompts do not learn it, the load is what matters)."""
+    from tunelab.tasks import load_task
+    from tunelab.tasks.spec import TaskSpec
+
+    d = load_task("demo").to_dict()
+    d.update(
+        name="demo-rewrite",
+        label_field=None,
+        verbalizer={},
+        few_shot=None,
+        template=REWRITE_TEMPLATE,
+        target=" {text}",
+        generation={"max_new_tokens": 64, "stop": []},
+    )
+    return TaskSpec.from_dict(d)
+
+
+async def load_generation(url: str, requests: list[tuple[int, dict]], clients: int) -> dict:
+    """Send (index, /v1/generate body) requests from `clients` concurrent clients; latencies
+    by kind (short/long), outputs by index, errors, and the wall time."""
+    import httpx
+
+    latencies: dict[str, list[float]] = {"short": [], "long": []}
+    outputs, errors = {}, 0
+    queue = list(requests)
+
+    async def client(http):
+        nonlocal errors
+        while queue:
+            i, kind, body = queue.pop()
+            start = time.perf_counter()
+            try:
+                r = await http.post("/v1/generate", json=body)
+                r.raise_for_status()
+                outputs[i] = r.json()["outputs"][0]
+            except Exception:
+                errors += 1
+            latencies[kind].append(time.perf_counter() - start)
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        await http.post("/v1/generate", json=requests[0][2])  # warm-up
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - start
+    return {"latencies": latencies, "outputs": outputs, "errors": errors, "seconds": wall}
+
+
+def _quantile_ms(xs: list[float], q: int) -> float | None:
+    if not xs:
+        return None
+    if len(xs) == 1:
+        return round(xs[0] * 1000, 1)
+    return round(statistics.quantiles(xs, n=100, method="inclusive")[q - 1] * 1000, 1)
+
+
+def generation_mix(args) -> dict:
+    """Short and long generation requests, static against continuous batching."""
+    from tunelab import methods
+    from tunelab.artifact import save_artifact
+    from tunelab.models import load_backbone
+    from tunelab.serve.app import ServeConfig, create_app
+    from tunelab.serve.forward import head_of
+    from tunelab.serve.store import AdapterStore
+    from tunelab.tasks.data import load_splits
+
+    torch.set_grad_enabled(False)
+    task = rewrite_task()
+    backbone = load_backbone(args.model)
+    tmp = Path(tempfile.mkdtemp(prefix="serve-load-gen-"))
+    store = AdapterStore(backbone, torch.device("cpu"))
+    for i in range(TASKS):
+        cfg = methods.CONFIGS["prompt-tuning"](num_virtual_tokens=20, init="vocab")
+        tuned = methods.get("prompt-tuning").build(backbone, cfg, None, seed=i)
+        save_artifact(tmp / f"g{i}", "prompt-tuning", cfg, tuned, task, backbone)
+        del tuned
+        head_of(store.load(f"g{i}", tmp / f"g{i}"))
+
+    rows = load_splits(task)["test"]
+    rng = random.Random(0)
+    requests = []
+    for i in range(args.requests):
+        kind = "long" if rng.random() < args.long_share else "short"
+        body = {
+            "task": f"g{rng.randrange(TASKS)}",
+            "inputs": [rng.choice(rows).fields["text"]],
+            "max_tokens": args.long_tokens if kind == "long" else args.short_tokens,
+        }
+        requests.append((i, kind, body))
+    rng.shuffle(requests)
+
+    common = {"window_ms": args.window_ms, "max_batch": args.max_batch}
+    apps = {
+        "continuous": create_app(store, ServeConfig(**common)),
+        "static": create_app(store, ServeConfig(**common, static_batching=True)),
+    }
+    parts: dict[str, list[dict]] = {side: [] for side in apps}
+    step = -(-len(requests) // args.rounds)
+    with Server(apps["continuous"], args.port) as s1, Server(apps["static"], args.port + 1) as s2:
+        servers = (("continuous", s1), ("static", s2))
+        for r in range(args.rounds):  # alternating rounds, as for classification
+            chunk = requests[r * step : (r + 1) * step]
+            for side, server in servers[:: 1 if r % 2 == 0 else -1]:
+                parts[side].append(asyncio.run(load_generation(server.url, chunk, args.clients)))
+    summary = {
+        "mode": "generation-mix",
+        "machine_threads": torch.get_num_threads(),
+        "tasks": TASKS,
+        "requests": len(requests),
+        "short_requests": sum(k == "short" for _, k, _ in requests),
+        "short_tokens": args.short_tokens,
+        "long_tokens": args.long_tokens,
+        "clients": args.clients,
+        "window_ms": args.window_ms,
+        "max_batch": args.max_batch,
+    }
+    outputs = {}
+    for side, ps in parts.items():
+        wall = sum(p["seconds"] for p in ps)
+        lat = {k: [x for p in ps for x in p["latencies"][k]] for k in ("short", "long")}
+        outputs[side] = {i: o for p in ps for i, o in p["outputs"].items()}
+        summary[side] = {
+            "seconds": round(wall, 2),
+            "requests_per_second": round(len(requests) / wall, 2),
+            **{
+                f"{k}_p{q}_ms": _quantile_ms(lat[k], q) for k in ("short", "long") for q in (50, 99)
+            },
+            "errors": sum(p["errors"] for p in ps),
+        }
+    a, b = outputs["continuous"], outputs["static"]
+    summary["same_outputs"] = sum(i in a and a.get(i) == b.get(i) for i, _, _ in requests)
+    summary["identical_outputs"] = summary["same_outputs"] == len(requests)
+    c, s = summary["continuous"]["short_p50_ms"], summary["static"]["short_p50_ms"]
+    summary["short_p50_ratio"] = round(c / s, 3) if c and s else None
+    return summary
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=480)
@@ -205,7 +356,19 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--port", type=int, default=8731)
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds per side")
+    p.add_argument(
+        "--generation-mix",
+        action="store_true",
+        help="short and long generation requests: continuous against static batching",
+    )
+    p.add_argument("--short-tokens", type=int, default=4, help="max_tokens of a short request")
+    p.add_argument("--long-tokens", type=int, default=64, help="max_tokens of a long request")
+    p.add_argument("--long-share", type=float, default=0.25, help="share of long requests")
+    p.add_argument("--model", default=None, help="backbone (default: the built-in model)")
     args = p.parse_args()
+    if args.generation_mix:
+        print(json.dumps(generation_mix(args), indent=2))
+        return
     from peft import PeftModel
 
     from tunelab.models import load_backbone

@@ -47,6 +47,8 @@ class ServeConfig:
     max_input_chars: int = 4000  # characters per input (all fields together)
     max_body_bytes: int = 1 << 20
     max_new_tokens: int = 256  # the most /v1/generate may ask for
+    # generation decodes gathered batches to their end (the old way) instead of continuously
+    static_batching: bool = False
     # keys stay out of repr, so a logged config shows none
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # inference (none: open)
     admin_keys: tuple[str, ...] = field(default=(), repr=False)  # load/unload (none: off)
@@ -100,7 +102,13 @@ class _BodyLimit:
 
 def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
     metrics = Metrics()
-    batcher = Batcher(store.backbone.tokenizer.pad_token_id, cfg.window_ms, cfg.max_batch, metrics)
+    batcher = Batcher(
+        store.backbone.tokenizer.pad_token_id,
+        cfg.window_ms,
+        cfg.max_batch,
+        metrics,
+        continuous=not cfg.static_batching,
+    )
 
     @asynccontextmanager
     async def lifespan(app):
@@ -269,7 +277,11 @@ def _add_task_routes(app: FastAPI, store, batcher, cfg: ServeConfig) -> None:
     async def unload_task(name: str, request: Request) -> dict:
         """Unload a task (admin key only; requests already queued for it still finish)."""
         _require_admin(cfg, request, "unloading tasks")
-        if store.get(name) is None:
+        entry = store.get(name)
+        if entry is None:
+            raise HTTPException(404, f"unknown task {name!r}")
+        await batcher.settle(entry)  # its generations decode step by step: let them end
+        if store.get(name) is not entry:  # unloaded meanwhile
             raise HTTPException(404, f"unknown task {name!r}")
         await batcher.run(store.unload, name)
         return {"unloaded": name}

@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="how long a request waits for others to share its forward pass (5)",
     )
     p.add_argument("--max-batch", type=int, default=64, help="inputs per forward pass (64)")
+    p.add_argument(
+        "--static-batching",
+        action="store_true",
+        help="generation: decode each gathered batch to its end before the next starts "
+        "(default: continuous batching, rows join and leave the decoding batch at every step)",
+    )
     p.add_argument("--max-inputs", type=int, default=64, help="inputs per request (64)")
     p.add_argument("--max-input-chars", type=int, default=4000, help="characters per input (4000)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (1 MiB)")
@@ -157,6 +163,7 @@ def build(args: argparse.Namespace):
     cfg = ServeConfig(
         window_ms=args.window_ms,
         max_batch=args.max_batch,
+        static_batching=args.static_batching,
         max_inputs=args.max_inputs,
         max_input_chars=args.max_input_chars,
         max_body_bytes=args.max_body_bytes,

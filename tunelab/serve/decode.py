@@ -9,7 +9,6 @@ import torch
 from tunelab.lm.generate import greedy_generate, greedy_loop
 from tunelab.lm.head_cache import after_heads
 from tunelab.serve.forward import head_of, length_chunks, routing, task_routing
-from tunelab.tasks.encode import Example
 
 
 @torch.no_grad()
@@ -26,20 +25,22 @@ def _decode_chunk(model, tokenizer, rows: list[tuple], pad: int) -> list[str]:
 
 
 @torch.no_grad()
-def generate_mixed(jobs: list[tuple[object, list[Example], int]], pad: int) -> list[list[str]]:
-    """The greedy continuation of each example of each (task entry, examples, max tokens) job;
-    jobs of tasks on one backbone decode together."""
-    results: list[list[str]] = [[""] * len(ex) for _, ex, _ in jobs]
+def generate_mixed(jobs: list[tuple], pad: int) -> list[list[str]]:
+    """The greedy continuation of each example of each (task entry, examples, max tokens[,
+    extra stop strings]) job; jobs of tasks on one backbone decode together to the end of the
+    longest (the static path; the server batches continuously, see continuous.py)."""
+    results: list[list[str]] = [[""] * len(job[1]) for job in jobs]
     by_model: dict[int, list[int]] = {}
-    for j, (entry, _, _) in enumerate(jobs):
-        by_model.setdefault(id(entry.tuned.model), []).append(j)
+    for j, job in enumerate(jobs):
+        by_model.setdefault(id(job[0].tuned.model), []).append(j)
     for group in by_model.values():
         entry0 = jobs[group[0]][0]
         rows, where = [], []  # where: (job, example) of each row
         for j in group:
-            entry, examples, limit = jobs[j]
+            entry, examples, limit = jobs[j][:3]
+            extra = jobs[j][3] if len(jobs[j]) > 3 else None
             head = head_of(entry)
-            stop = entry.task.generation.stop
+            stop = list(entry.task.generation.stop) + list(extra or [])
             for i, ex in enumerate(examples):
                 u = head.slots_for(ex.ids)
                 if u is None:  # the row does not start like its head: the plain path
