@@ -203,7 +203,7 @@ def test_a_short_request_does_not_wait_for_a_long_one(gen_store, continuous):
     assert order == (["short", "long"] if continuous else ["long", "short"])
 
 
-def test_server_streams_and_batches_generation_continuously(gen_store):
+def test_server_batches_generation_continuously(gen_store):
     """Over HTTP: concurrent /v1/generate requests of different tasks and lengths get the
     static path's text; a short one sent while a long one decodes comes back first."""
     import httpx
@@ -218,7 +218,7 @@ def test_server_streams_and_batches_generation_continuously(gen_store):
     def slow(rows):
         seen.append({r.entry.name for r in rows})
         started.set()
-        time.sleep(0.01)
+        time.sleep(0.03)  # margin for a busy machine
 
     batcher.decoder.on_step = slow
     results: dict[str, dict] = {}

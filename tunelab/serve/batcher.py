@@ -118,7 +118,7 @@ class Batcher:
             await asyncio.wait(pending)
 
     async def stream(
-        self, entry, example: Example, max_tokens: int, stop: list[str] | None = None
+        self, entry, example: Example, max_tokens: int | None, stop: list[str] | None = None
     ) -> AsyncIterator[str]:
         """The greedy continuation of one input, piece by piece as it decodes (continuous
         batching), cut at the task's stop strings and at `stop`: the pieces put together are
@@ -180,7 +180,7 @@ class Batcher:
                     args = [(j.entry, j.examples) for j in live]
                     outs = await self.run(self.compute, args, self.pad_id)
                 else:
-                    args = [(j.entry, j.examples, j.max_tokens, j.stop) for j in live]
+                    args = [(j.entry, j.examples, _limit(j), j.stop) for j in live]
                     outs = await self.run(generate_mixed, args, self.pad_id)
             except Exception as e:  # one bad batch fails its requests, not the server
                 for j in live:
@@ -238,11 +238,17 @@ class Batcher:
                 continue
             stop = list(job.entry.task.generation.stop) + list(job.stop or [])
             job.results, job.left = [""] * len(job.examples), len(job.examples)
+            limit = _limit(job)
             for i, ex in enumerate(job.examples):
-                rows.append(Row(job.entry, ex, job.max_tokens, stop, job.on_token, tag=(job, i)))
+                rows.append(Row(job.entry, ex, limit, stop, job.on_token, tag=(job, i)))
         if live and self.metrics is not None:
             self.metrics.observe_batch(len(rows), len(live))
         return rows
+
+
+def _limit(job: _Job) -> int:
+    """A generation request's token limit: its own, else its task's."""
+    return job.entry.task.generation.max_new_tokens if job.max_tokens is None else job.max_tokens
 
 
 def _requeue_first(queue: asyncio.Queue, job: _Job) -> None:
