@@ -18,6 +18,12 @@ ratio, whether both sides gave every request the same label, their accuracy, and
 times (tunelab: extra cost of a batch of 8 different tasks over one of a single task, per
 row; hot-loading a soft prompt; PEFT: `set_adapter`). Untrained prompts (vocabulary-sampled
 initialisations, 8 seeds) are enough: both sides serve the same artifacts.
+
+`flop_utilisation`: the model FLOPs of the requests served (tunelab/lm/flops.py: each input's
+own tokens after its task's cached head, which is not recomputed, and the label words' logits;
+the same count for both sides, so the head cache shows as a gain) per second of serving, and
+their share of the machine's matmul peak (`--peak-json` from benchmarks/machine_peak.py, else
+a quick peak measured here first).
 """
 
 from __future__ import annotations
@@ -197,6 +203,72 @@ def switch_times(store, names: list[str], text: str, repeats: int = 3) -> dict:
     }
 
 
+def classify_flops(entry, examples) -> float:
+    """Model FLOPs of classifying these examples as the server must: each row's own tokens after
+    the part of its task's head it reuses, then the logits its label scores read (the label
+    words' rows of the LM head, the whole vocabulary for multi-token words, or the head)."""
+    from tunelab.lm.flops import Shape, forward_flops
+    from tunelab.lm.head_cache import label_rows
+    from tunelab.serve.forward import head_of
+
+    shape = Shape.of(entry.tuned.model.config)
+    head = head_of(entry)
+    verbalizer = entry.prep.verbalizer
+    total = 0.0
+    for ex in examples:
+        used = head.slots_for(ex.ids)
+        m, used = (0, 0) if used is None else (head.skipped_tokens(used), used)
+        for ids, word in label_rows(entry.tuned, verbalizer, ex):
+            if entry.tuned.head is not None:
+                rows, cols = 1, len(verbalizer.labels)
+            elif word is None:
+                rows, cols = 1, len(verbalizer.words)
+            else:
+                rows, cols = len(word), None  # the whole vocabulary at each target position
+            total += forward_flops(
+                shape, [len(ids) - m], used, logit_rows=rows, logit_cols=cols
+            ).total
+    return total
+
+
+def generate_flops(entry, example, new_tokens: int) -> float:
+    """Model FLOPs of one greedy generation of `new_tokens` tokens: the prompt's own tokens
+    after its task's cached head, then a decode step per token fed back."""
+    from tunelab.lm.flops import Shape, generation_flops
+    from tunelab.serve.forward import head_of
+
+    head = head_of(entry)
+    used = head.slots_for(example.ids)
+    m, used = (0, 0) if used is None else (head.skipped_tokens(used), used)
+    shape = Shape.of(entry.tuned.model.config)
+    return generation_flops(shape, len(example.ids) - m, new_tokens, used).total
+
+
+def request_flops(store, requests: list[dict]) -> list[float]:
+    """Model FLOPs of each /v1/classify request body."""
+    from tunelab.serve.batcher import encode_inputs
+
+    out = []
+    for body in requests:
+        entry = store.get(body["task"])
+        out.append(classify_flops(entry, encode_inputs(entry, body["inputs"])))
+    return out
+
+
+def flop_utilisation(parts: dict[str, list[dict]], flops: list[float], peak: dict) -> dict:
+    """Per side: the model FLOPs of the requests it answered per second of its rounds, and
+    their share of the peak."""
+    from machine_peak import utilisation
+
+    out = {"peak_gflops": peak["gflops"], "peak_source": peak["source"]}
+    out["model_gflop_per_request"] = round(statistics.mean(flops) / 1e9, 4)
+    for side, ps in parts.items():
+        served = sum(flops[i] for p in ps for i in p["labels"])
+        u = utilisation(served, sum(p["seconds"] for p in ps), peak)
+        out[side] = {k: u[k] for k in ("model_gflops_per_second", "mfu")}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=480)
@@ -205,7 +277,16 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--port", type=int, default=8731)
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds per side")
+    p.add_argument(
+        "--peak-json",
+        type=Path,
+        default=None,
+        help="benchmarks/machine_peak.py's JSON (default: measure a quick peak first)",
+    )
     args = p.parse_args()
+    from machine_peak import peak_for
+
+    peak = peak_for(args.peak_json, bf16=False)  # before the servers load the machine
     from peft import PeftModel
 
     from tunelab.models import load_backbone
@@ -281,6 +362,7 @@ def main() -> None:
         "tunelab_hot_load_ms_median": round(statistics.median(load_ms), 2),
         "tunelab_head_cache_build_ms_median": round(statistics.median(head_ms), 2),
         "peft_set_adapter_us_median": round(statistics.median(switch_us), 1),
+        "flop_utilisation": flop_utilisation(parts, request_flops(store, requests), peak),
     }
     print(json.dumps(summary, indent=2))
 
