@@ -176,7 +176,8 @@ def switch_times(store, names: list[str], text: str, repeats: int = 3) -> dict:
     (`stack_heads`, the only per-task work in a mixed batch), and end to end, a batch of 8
     rows of 8 tasks against 8 rows of one task."""
     from tunelab.serve.batcher import encode_inputs
-    from tunelab.serve.forward import classify_mixed, head_of, stack_heads
+    from tunelab.lm.head_cache import stack_heads
+    from tunelab.serve.forward import classify_mixed, head_of
 
     heads = [head_of(store.get(n)) for n in names]
     like = heads[0].keys
