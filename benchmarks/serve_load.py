@@ -175,8 +175,8 @@ def switch_times(store, names: list[str], text: str, repeats: int = 3) -> dict:
     """What switching task costs a row: copying its task's cached head into the batch's cache
     (`stack_heads`, the only per-task work in a mixed batch), and end to end, a batch of 8
     rows of 8 tasks against 8 rows of one task."""
-    from tunelab.serve.batcher import encode_inputs
     from tunelab.lm.head_cache import stack_heads
+    from tunelab.serve.batcher import encode_inputs
     from tunelab.serve.forward import classify_mixed, head_of
 
     heads = [head_of(store.get(n)) for n in names]
@@ -287,7 +287,7 @@ def main() -> None:
     args = p.parse_args()
     from machine_peak import peak_for
 
-    peak = peak_for(args.peak_json, bf16=False)  # before the servers load the machine
+    peak = peak_for(args.peak_json, bf16=False, device="cpu")  # the store serves on the CPU
     from peft import PeftModel
 
     from tunelab.models import load_backbone
