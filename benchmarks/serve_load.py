@@ -27,6 +27,11 @@ same mix of short (`--short-tokens`, 4) and long (`--long-tokens`, 64) /v1/gener
 over 8 prompt-tuned rewriting tasks built on the demo corpus (no stop strings, so a long
 request runs to its limit unless the model ends it). It prints p50/p99 latency of short and
 long requests for each side and whether both sides returned the same text for every request.
+`flop_utilisation`: the model FLOPs of the requests served (tunelab/lm/flops.py: each input's
+own tokens after its task's cached head, which is not recomputed, and the label words' logits;
+the same count for both sides, so the head cache shows as a gain) per second of serving, and
+their share of the machine's matmul peak (`--peak-json` from benchmarks/machine_peak.py, else
+a quick peak measured here first).
 """
 
 from __future__ import annotations
@@ -178,8 +183,9 @@ def switch_times(store, names: list[str], text: str, repeats: int = 3) -> dict:
     """What switching task costs a row: copying its task's cached head into the batch's cache
     (`stack_heads`, the only per-task work in a mixed batch), and end to end, a batch of 8
     rows of 8 tasks against 8 rows of one task."""
+    from tunelab.lm.head_cache import stack_heads
     from tunelab.serve.batcher import encode_inputs
-    from tunelab.serve.forward import classify_mixed, head_of, stack_heads
+    from tunelab.serve.forward import classify_mixed, head_of
 
     heads = [head_of(store.get(n)) for n in names]
     like = heads[0].keys
@@ -348,6 +354,72 @@ def generation_mix(args) -> dict:
     return summary
 
 
+def classify_flops(entry, examples) -> float:
+    """Model FLOPs of classifying these examples as the server must: each row's own tokens after
+    the part of its task's head it reuses, then the logits its label scores read (the label
+    words' rows of the LM head, the whole vocabulary for multi-token words, or the head)."""
+    from tunelab.lm.flops import Shape, forward_flops
+    from tunelab.lm.head_cache import label_rows
+    from tunelab.serve.forward import head_of
+
+    shape = Shape.of(entry.tuned.model.config)
+    head = head_of(entry)
+    verbalizer = entry.prep.verbalizer
+    total = 0.0
+    for ex in examples:
+        used = head.slots_for(ex.ids)
+        m, used = (0, 0) if used is None else (head.skipped_tokens(used), used)
+        for ids, word in label_rows(entry.tuned, verbalizer, ex):
+            if entry.tuned.head is not None:
+                rows, cols = 1, len(verbalizer.labels)
+            elif word is None:
+                rows, cols = 1, len(verbalizer.words)
+            else:
+                rows, cols = len(word), None  # the whole vocabulary at each target position
+            total += forward_flops(
+                shape, [len(ids) - m], used, logit_rows=rows, logit_cols=cols
+            ).total
+    return total
+
+
+def generate_flops(entry, example, new_tokens: int) -> float:
+    """Model FLOPs of one greedy generation of `new_tokens` tokens: the prompt's own tokens
+    after its task's cached head, then a decode step per token fed back."""
+    from tunelab.lm.flops import Shape, generation_flops
+    from tunelab.serve.forward import head_of
+
+    head = head_of(entry)
+    used = head.slots_for(example.ids)
+    m, used = (0, 0) if used is None else (head.skipped_tokens(used), used)
+    shape = Shape.of(entry.tuned.model.config)
+    return generation_flops(shape, len(example.ids) - m, new_tokens, used).total
+
+
+def request_flops(store, requests: list[dict]) -> list[float]:
+    """Model FLOPs of each /v1/classify request body."""
+    from tunelab.serve.batcher import encode_inputs
+
+    out = []
+    for body in requests:
+        entry = store.get(body["task"])
+        out.append(classify_flops(entry, encode_inputs(entry, body["inputs"])))
+    return out
+
+
+def flop_utilisation(parts: dict[str, list[dict]], flops: list[float], peak: dict) -> dict:
+    """Per side: the model FLOPs of the requests it answered per second of its rounds, and
+    their share of the peak."""
+    from machine_peak import utilisation
+
+    out = {"peak_gflops": peak["gflops"], "peak_source": peak["source"]}
+    out["model_gflop_per_request"] = round(statistics.mean(flops) / 1e9, 4)
+    for side, ps in parts.items():
+        served = sum(flops[i] for p in ps for i in p["labels"])
+        u = utilisation(served, sum(p["seconds"] for p in ps), peak)
+        out[side] = {k: u[k] for k in ("model_gflops_per_second", "mfu")}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=480)
@@ -365,10 +437,19 @@ def main() -> None:
     p.add_argument("--long-tokens", type=int, default=64, help="max_tokens of a long request")
     p.add_argument("--long-share", type=float, default=0.25, help="share of long requests")
     p.add_argument("--model", default=None, help="backbone (default: the built-in model)")
+    p.add_argument(
+        "--peak-json",
+        type=Path,
+        default=None,
+        help="benchmarks/machine_peak.py's JSON (default: measure a quick peak first)",
+    )
     args = p.parse_args()
     if args.generation_mix:
         print(json.dumps(generation_mix(args), indent=2))
         return
+    from machine_peak import peak_for
+
+    peak = peak_for(args.peak_json, bf16=False, device="cpu")  # the store serves on the CPU
     from peft import PeftModel
 
     from tunelab.models import load_backbone
@@ -444,6 +525,7 @@ def main() -> None:
         "tunelab_hot_load_ms_median": round(statistics.median(load_ms), 2),
         "tunelab_head_cache_build_ms_median": round(statistics.median(head_ms), 2),
         "peft_set_adapter_us_median": round(statistics.median(switch_us), 1),
+        "flop_utilisation": flop_utilisation(parts, request_flops(store, requests), peak),
     }
     print(json.dumps(summary, indent=2))
 

@@ -11,6 +11,14 @@ the run's own; the ratios are tunelab / PEFT (memory: lower is better).
 The PEFT side is written the way that library's documentation writes it: `get_peft_model`, a
 causal-LM loss on the label word (every other position masked with -100) computed by the model
 from full logits, `Trainer`; evaluation takes the full logits and reads the last position.
+
+FLOP utilisation (`flops` in each run, `--peak-json` from benchmarks/machine_peak.py, else a
+quick peak measured first): the model FLOPs one training step of the method must do at this
+batch size and these rows' lengths (tunelab/lm/flops.py: the backward through the frozen
+backbone for prompt tuning, with dW of the adapters for LoRA; the shared head of BOS and soft
+prompt once per batch, as tunelab trains; the label words' logits), counted once from
+tunelab's encoding of the rows and divided by each side's own training time, so the ratio of
+the two sides' utilisation is their speed ratio.
 """
 
 from __future__ import annotations
@@ -55,6 +63,12 @@ def main() -> None:
         "CPU with avx512_bf16 or AMX; emulated it is slower than float32)",
     )
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--peak-json",
+        type=Path,
+        default=None,
+        help="benchmarks/machine_peak.py's JSON (default: measure a quick peak first)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "vs-peft" / "results.json")
     p.add_argument("--child", nargs=2, metavar=("SIDE", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -72,11 +86,15 @@ def main() -> None:
     if not SST2.is_dir():
         sys.exit(f"{SST2}: SST-2 is absent (the benchmark reads ../shared/data)")
 
+    from machine_peak import peak_for
+
+    peak = peak_for(args.peak_json, args.bf16)  # on the idle machine, before any run
     runs = []
     for method in args.methods.split(","):
         for side in ("tunelab", "peft"):
             print(f"== {method}: {side}", flush=True)
             runs.append(child(args, side, method))
+    add_utilisation(runs, peak)
     print_table(runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("child", "out")}
@@ -99,6 +117,17 @@ def child(args, side: str, method: str) -> dict:
     return result
 
 
+def add_utilisation(runs: list[dict], peak: dict) -> None:
+    """Each run's model FLOPs per second of training and share of the peak, from the training
+    FLOPs per step its method's tunelab run counted (the same work for both sides)."""
+    from machine_peak import utilisation
+
+    per_step = {r["method"]: r["model_flops_per_step"] for r in runs if r["side"] == "tunelab"}
+    for r in runs:
+        flops = per_step[r["method"]] * r["steps"]
+        r["flops"] = utilisation(flops, r["train_seconds"], peak)
+
+
 def print_table(runs: list[dict]) -> None:
     by = {(r["method"], r["side"]): r for r in runs}
     rows = [
@@ -107,11 +136,14 @@ def print_table(runs: list[dict]) -> None:
         ("  of which above the loaded model", "train_extra_rss_mb", False),
         ("evaluation examples/s", "eval_examples_per_second", True),
         ("dev accuracy", "accuracy", True),
+        ("model FLOPs utilisation, training", "mfu", True),
     ]
     for method in dict.fromkeys(r["method"] for r in runs):
         t, q = by[(method, "tunelab")], by[(method, "peft")]
         print(f"\n{method}: {'':34} {'tunelab':>10} {'PEFT':>10} {'ratio':>7}")
         for label, key, _ in rows:
+            if key == "mfu":
+                t[key], q[key] = t["flops"]["mfu"], q["flops"]["mfu"]
             ratio = t[key] / q[key] if q[key] else float("nan")
             print(f"  {label:42} {t[key]:>10.4g} {q[key]:>10.4g} {ratio:>6.2f}x")
 
@@ -160,6 +192,7 @@ def model_dir() -> str:
 
 def summary(args, train_s: float, mem: PeakRSS, eval_s: float, correct: int, n_eval: int):
     return {
+        "steps": args.steps,
         "train_seconds": round(train_s, 2),
         "train_examples_per_second": round(args.steps * args.batch_size / train_s, 3),
         "train_peak_rss_mb": round(mem.peak, 1),
@@ -238,7 +271,36 @@ def run_tunelab(args, method: str) -> dict:
         )
     eval_s = time.perf_counter() - start
     correct = int((logp.argmax(-1) == torch.tensor([e.label for e in dev])).sum())
-    return summary(args, train_s, mem, eval_s, correct, len(dev))
+    result = summary(args, train_s, mem, eval_s, correct, len(dev))
+    result["model_flops_per_step"] = step_flops(
+        tuned, method, train_ex, prep.verbalizer, train_cfg, args
+    )
+    return result
+
+
+def step_flops(tuned, method: str, train_ex, verbalizer, train_cfg, args) -> float:
+    """Model FLOPs of one training step, averaged over the training rows: the rows' own
+    tokens after the shared head (run once per batch where tunelab's training shares it), the
+    method's backward (tunelab/lm/flops.py), the label words' logits at the answer position."""
+    from tunelab.lm.flops import Lora, Shape, training_flops
+    from tunelab.train.loop import shared_head_ids
+
+    shape = Shape.of(tuned.model.config)
+    ids = shared_head_ids(tuned, train_ex, verbalizer, train_cfg)  # None: no shared head
+    n_prompt = tuned.prompt.n if tuned.prompt is not None else 0
+    if ids is not None:  # the head (ids, soft prompt) runs once per batch, rows without it
+        head, lengths = len(ids) + n_prompt, [len(ex.ids) - len(ids) for ex in train_ex]
+    else:
+        head, lengths = 0, [len(ex.ids) + n_prompt for ex in train_ex]
+    extra = {"lora": Lora.parse(args.rank)} if method == "lora" else {}
+    cols = len(verbalizer.words)
+
+    def count(rows):
+        return training_flops(shape, rows, method, head=head, logit_cols=cols, **extra).total
+
+    head_only = count([])
+    rows_mean = (count(lengths) - head_only) / len(lengths)
+    return head_only + args.batch_size * rows_mean
 
 
 # ---------------------------------------------------------------------------------- PEFT side

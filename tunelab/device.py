@@ -39,3 +39,30 @@ def autocast(device: torch.device, bf16: bool):
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def resolve_bf16(value: bool | str, device: torch.device) -> bool:
+    """`auto` (bfloat16 where it runs natively), `true` or `false` (also as booleans)."""
+    if isinstance(value, bool):
+        return value
+    choice = str(value).lower()
+    if choice == "auto":
+        return native_bf16(device)
+    if choice in ("true", "false"):
+        return choice == "true"
+    raise TunelabError(f"bf16 must be auto, true or false, got {value!r}")
+
+
+def emulated_bf16_warning(device: torch.device, bf16: bool) -> str | None:
+    """What to tell a user who asked for bfloat16 where PyTorch only emulates it."""
+    if bf16 and not native_bf16(device):
+        return (
+            "warning: bf16=true on a CPU without avx512_bf16 or AMX: PyTorch emulates bfloat16 "
+            "here, slower than float32"
+        )
+    return None
+
+
+def precision_name(bf16: bool) -> str:
+    """How /health and the logs name the precision the model runs in."""
+    return "bfloat16" if bf16 else "float32"

@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from tunelab.device import precision_name
 from tunelab.errors import TunelabError
 from tunelab.evaluate.calibrate import apply as calibrated
 from tunelab.evaluate.loaded import distribution
@@ -290,7 +291,10 @@ def _add_task_routes(app: FastAPI, store, batcher, cfg: ServeConfig) -> None:
 def _add_status_routes(app: FastAPI, store, metrics) -> None:
     @app.get("/health", response_model=Health)
     async def health() -> Health:
-        return Health(status="ok", model=store.backbone.name, tasks=len(store.tasks))
+        precision = precision_name(store.bf16)
+        return Health(
+            status="ok", model=store.backbone.name, tasks=len(store.tasks), precision=precision
+        )
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=errors(401))
     async def prometheus() -> PlainTextResponse:

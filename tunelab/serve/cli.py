@@ -94,6 +94,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "label bias is used, else it is measured at load",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument(
+        "--bf16",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="bfloat16 autocast, as `tunelab eval --bf16` (auto: where it runs natively: CUDA, "
+        "or a CPU with avx512_bf16 or AMX; /health shows the precision)",
+    )
 
 
 def read_keys(args: argparse.Namespace, environ=os.environ) -> tuple[list[str], list[str]]:
@@ -146,7 +153,7 @@ def _limits(args: argparse.Namespace) -> tuple[int | None, int | None]:
 def build(args: argparse.Namespace):
     """(FastAPI app, store) from the parsed arguments; artifacts loaded, errors as TunelabError."""
     from tunelab.artifact import read_meta
-    from tunelab.device import resolve_device
+    from tunelab.device import resolve_bf16, resolve_device
     from tunelab.models import load_backbone
     from tunelab.serve.app import ServeConfig, create_app
     from tunelab.serve.store import AdapterStore
@@ -172,8 +179,10 @@ def build(args: argparse.Namespace):
         adapter_root=args.adapter_root,
     )
     max_tasks, max_bytes = _limits(args)
+    device = resolve_device(args.device)
+    bf16 = resolve_bf16(args.bf16, device)
     store = AdapterStore(
-        load_backbone(model), resolve_device(args.device), max_tasks, max_bytes, args.calibrate
+        load_backbone(model), device, max_tasks, max_bytes, args.calibrate, bf16=bf16
     )
     from tunelab.serve.forward import head_of
 
@@ -191,8 +200,11 @@ def run(args: argparse.Namespace) -> None:
         import uvicorn
     except ImportError:
         raise TunelabError("serve needs its extra: pip install 'tunelab[serve]'") from None
+    from tunelab.device import emulated_bf16_warning, precision_name
+
     app, store = build(args)
-    for line in warnings_for(args.host, app.state.config):
+    emulated = emulated_bf16_warning(store.device, store.bf16)
+    for line in warnings_for(args.host, app.state.config) + ([emulated] if emulated else []):
         print(line, file=sys.stderr)
     for info in store.describe():
         calibrated = ", calibrated" if info["calibrated"] else ""
@@ -200,6 +212,7 @@ def run(args: argparse.Namespace) -> None:
             f"task {info['name']}: {info['method']} ({info['kind']}, {info['backbone']} "
             f"backbone{calibrated})"
         )
+    print(f"precision: {precision_name(store.bf16)} ({store.device.type})")
     print(f"serving {len(store.tasks)} task(s) on http://{args.host}:{args.port}", flush=True)
     # on SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests finish (up to 30 s),
     # then the app's shutdown drains the batch queue

@@ -26,7 +26,7 @@ import torch
 from tunelab.lm.generate import cut_at_stop
 from tunelab.lm.head_cache import after_heads
 from tunelab.lm.scoring import after_prefix, cache_of, with_cache
-from tunelab.serve.forward import head_of, length_chunks, routing, task_routing
+from tunelab.serve.forward import head_of, length_chunks, precision, routing, task_routing
 from tunelab.tasks.encode import Example
 
 
@@ -202,7 +202,7 @@ class Decoder:
                 self.pad,
             )
             names = [r.entry.adapter or "__base__" for r, _, _ in part]
-            with routing(batch.model, names):
+            with routing(batch.model, names), precision(part[0][0].entry):
                 self._run_prefill(batch, [r for r, _, _ in part], embeds, mask, pos, cache)
         for row, _, _ in plain:  # the row does not start like its head: the plain path
             tuned = row.entry.tuned
@@ -211,7 +211,7 @@ class Decoder:
             embeds, mask = tuned.embed(ids, torch.ones_like(ids))
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             mask, pos, cache = after_prefix(tuned, mask, pos, embeds.dtype)
-            with task_routing(row.entry):
+            with task_routing(row.entry), precision(row.entry):
                 self._run_prefill(batch, [row], embeds, mask, pos, cache)
 
     def _run_prefill(self, batch: _Batch, rows, embeds, mask, pos, cache) -> None:
@@ -236,7 +236,8 @@ class Decoder:
             self.on_step(list(batch.rows))
         embeds = model.get_input_embeddings()(batch.nxt[:, None])  # (B, 1, D)
         mask = torch.cat([batch.mask, batch.mask.new_ones(B, 1)], 1)
-        with routing(model, [r.entry.adapter or "__base__" for r in batch.rows]):
+        names = [r.entry.adapter or "__base__" for r in batch.rows]
+        with routing(model, names), precision(batch.rows[0].entry):  # one store: one precision
             out = model.base_model(
                 inputs_embeds=embeds,
                 attention_mask=mask,

@@ -8,7 +8,7 @@ import torch
 
 from tunelab.lm.generate import greedy_generate, greedy_loop
 from tunelab.lm.head_cache import after_heads
-from tunelab.serve.forward import head_of, length_chunks, routing, task_routing
+from tunelab.serve.forward import head_of, length_chunks, precision, routing, task_routing
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def generate_mixed(jobs: list[tuple], pad: int) -> list[list[str]]:
             for i, ex in enumerate(examples):
                 u = head.slots_for(ex.ids)
                 if u is None:  # the row does not start like its head: the plain path
-                    with task_routing(entry):
+                    with task_routing(entry), precision(entry):
                         results[j][i] = greedy_generate(
                             entry.tuned, [ex], entry.backbone.tokenizer, limit, stop
                         )[0]
@@ -53,9 +53,10 @@ def generate_mixed(jobs: list[tuple], pad: int) -> list[list[str]]:
                 rows.append((head, u, ex.ids[m:], entry.adapter or "__base__", limit, stop))
                 where.append((j, i))
         for chunk in length_chunks([len(r[2]) for r in rows]):
-            texts = _decode_chunk(
-                entry0.tuned.model, entry0.backbone.tokenizer, [rows[k] for k in chunk], pad
-            )
+            with precision(entry0):
+                texts = _decode_chunk(
+                    entry0.tuned.model, entry0.backbone.tokenizer, [rows[k] for k in chunk], pad
+                )
             for k, text in zip(chunk, texts):
                 j, i = where[k]
                 results[j][i] = text

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
+from tunelab.device import autocast
 from tunelab.lm.head_cache import (
     HeadCache,
     cached_hidden,
@@ -45,9 +46,15 @@ def build_head(tuned, task, tokenizer) -> HeadCache:
     return prefill(tuned, ids[: max(lead, len(ids) - 1)])
 
 
+def precision(entry):
+    """The autocast this task's forward passes run under: bfloat16 where the store serves in it
+    (its LoadedModel.bf16, as `tunelab eval --bf16` runs), else none."""
+    return autocast(next(entry.tuned.parameters()).device, entry.model.bf16)
+
+
 def head_of(entry) -> HeadCache:
     if entry.head_cache is None:
-        with task_routing(entry):
+        with task_routing(entry), precision(entry):
             entry.head_cache = build_head(entry.tuned, entry.task, entry.backbone.tokenizer)
     return entry.head_cache
 
@@ -133,7 +140,7 @@ def classify_mixed(jobs: list[tuple[object, list[Example]]], pad: int) -> list[t
             h = None
             for chunk in length_chunks([len(r[2]) for r in rows]):
                 part = [rows[i] for i in chunk]
-                with routing(model, [r[4] for r in part]):
+                with routing(model, [r[4] for r in part]), precision(jobs[group[0]][0]):
                     hc = cached_hidden(  # (C, S, D), left-padded: each row ends at S - 1
                         model,
                         [r[0] for r in part],
@@ -163,5 +170,5 @@ def _uncached(entry, examples: list[Example], pad: int) -> torch.Tensor:
     """The plain path (as `tunelab predict` scores) for rows that cannot use the head cache."""
     device = next(entry.tuned.parameters()).device
     batch = make_batch(entry.tuned, examples, entry.prep.verbalizer, pad, "left", device)
-    with task_routing(entry):
-        return label_logprobs(entry.tuned, batch, entry.prep.verbalizer)
+    with task_routing(entry), precision(entry):
+        return label_logprobs(entry.tuned, batch, entry.prep.verbalizer).float()

@@ -71,6 +71,7 @@ class Health(BaseModel):
     status: str
     model: str
     tasks: int
+    precision: str  # what the model runs in: float32, or bfloat16 (`serve --bf16`)
 
 
 class Problem(BaseModel):

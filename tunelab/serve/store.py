@@ -117,11 +117,14 @@ class AdapterStore:
         max_tasks: int | None = None,
         max_bytes: int | None = None,
         calibrate: bool | None = None,
+        bf16: bool = False,
     ):
         """`calibrate`: True calibrates every classification task, False none, None those
-        whose task says `calibrate: content-free` (evaluate/calibrate.py)."""
+        whose task says `calibrate: content-free` (evaluate/calibrate.py). `bf16`: every task
+        runs under bfloat16 autocast, as `tunelab eval --bf16` runs (LoadedModel.bf16)."""
         self.backbone = backbone
         self.calibrate = calibrate
+        self.bf16 = bf16
         self.device = device
         self.backbone.model.to(device).eval()
         self.tasks: dict[str, TaskEntry] = {}
@@ -175,7 +178,12 @@ class AdapterStore:
         try:
             # calibration waits for the entry: it is measured on the task's own adapter
             model = load(
-                path, backbone=backbone, device=self.device, calibrate=False, lora_name=adapter
+                path,
+                backbone=backbone,
+                device=self.device,
+                calibrate=False,
+                bf16=self.bf16,
+                lora_name=adapter,
             )
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             # a hand-edited tunelab.json or a tensor file that is not safetensors

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from tunelab.device import autocast, native_bf16
+from tunelab.device import autocast, emulated_bf16_warning
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_save, load_tensors
 from tunelab.lm.head_cache import after_head, head_ids
@@ -233,12 +233,9 @@ def prepare_model(tuned, cfg: TrainConfig, world, device: torch.device) -> None:
     if not (cfg.fsdp and world.distributed):  # FSDP moves each block as it shards it
         tuned.to(device)
     lean_swiglu(tuned.model)  # fewer saved activations, the same gradients
-    if cfg.bf16 and not native_bf16(device) and world.main:
-        print(
-            "warning: bf16=true on a CPU without avx512_bf16 or AMX: PyTorch emulates bfloat16 "
-            "here, slower than float32",
-            file=sys.stderr,
-        )
+    warning = emulated_bf16_warning(device, cfg.bf16)
+    if warning and world.main:
+        print(warning, file=sys.stderr)
     if cfg.fsdp and not world.distributed and world.main:
         print("warning: fsdp=true in one process: nothing to shard across", file=sys.stderr)
     if cfg.bf16 and not (cfg.fsdp and world.distributed):
