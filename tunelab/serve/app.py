@@ -1,4 +1,5 @@
-"""The HTTP API (FastAPI): classify, generate, task management, health, Prometheus metrics.
+"""The HTTP API (FastAPI): classify, generate, task management, health, Prometheus metrics,
+and OpenAI-compatible completions (openai_api.py).
 
 Who may do what is decided here (see access.py): inference keys for the model, admin keys for
 loading and unloading, loads only from under the adapter root."""
@@ -16,12 +17,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from tunelab.device import precision_name
 from tunelab.errors import TunelabError
-from tunelab.evaluate.calibrate import apply as calibrated
-from tunelab.evaluate.loaded import distribution
 from tunelab.serve.access import Keys, OutsideRoot, hide_root, resolve_under
 from tunelab.serve.batcher import Batcher, encode_inputs
-from tunelab.serve.forward import head_of
+from tunelab.serve.forward import head_of, labelled
 from tunelab.serve.metrics import Metrics
+from tunelab.serve.openai_api import PATHS as OPENAI_PATHS
+from tunelab.serve.openai_api import add_openai_routes, error_response
 from tunelab.serve.schemas import (
     Classified,
     ClassifyRequest,
@@ -88,7 +89,11 @@ class _BodyLimit:
             more = message.get("more_body", False)
             if size > self.limit:
                 detail = f"request body over {self.limit} bytes (--max-body-bytes)"
-                return await JSONResponse({"detail": detail}, 413)(scope, receive, send)
+                if scope["path"] in OPENAI_PATHS:
+                    answer = error_response(413, detail)
+                else:
+                    answer = JSONResponse({"detail": detail}, 413)
+                return await answer(scope, receive, send)
         body, sent = b"".join(chunks), False
 
         async def replay():
@@ -130,18 +135,24 @@ def create_app(store: AdapterStore, cfg: ServeConfig) -> FastAPI:
     async def auth(request: Request, call_next):
         if cfg.keys.inference and request.url.path not in OPEN_PATHS:
             if cfg.keys.role(request.headers.get("authorization")) is None:
+                if request.url.path in OPENAI_PATHS:
+                    return error_response(401, UNAUTHORIZED, headers=_CHALLENGE)
                 return _unauthorized()
         return await call_next(request)
 
     _add_inference_routes(app, store, batcher, metrics, cfg)
+    add_openai_routes(app, store, batcher, metrics, cfg)
     _add_task_routes(app, store, batcher, cfg)
     _add_status_routes(app, store, metrics)
     app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
     return app
 
 
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
 def _unauthorized() -> JSONResponse:
-    return JSONResponse({"detail": UNAUTHORIZED}, 401, headers={"WWW-Authenticate": "Bearer"})
+    return JSONResponse({"detail": UNAUTHORIZED}, 401, headers=_CHALLENGE)
 
 
 def _require_admin(cfg: ServeConfig, request: Request, action: str) -> None:
@@ -210,13 +221,9 @@ def _add_inference_routes(app: FastAPI, store, batcher, metrics, cfg: ServeConfi
         async def work():
             entry, examples = _entry_for(store, cfg, req.task, "classification", req.inputs)
             logp = await batcher.classify(entry, examples)
-            if entry.calibration is not None:  # as `tunelab predict --calibrate` scores
-                logp = calibrated(logp, entry.calibration)
-            labels = entry.prep.verbalizer.labels
-            results = []
-            for row in logp.exp().tolist():
-                best, dist = distribution(labels, row)
-                results.append(Classified(label=best, probabilities=dist))
+            results = [
+                Classified(label=best, probabilities=dist) for best, dist in labelled(entry, logp)
+            ]
             return ClassifyResponse(task=req.task, results=results)
 
         return await _timed(store, metrics, "classify", req, work)

@@ -35,6 +35,17 @@ def encode_inputs(entry, inputs: list) -> list[Example]:
     return entry.model.encode(inputs)
 
 
+@dataclass
+class Generated:
+    """One input's generated text, why it ended (stop: EOS or a stop string; length: its
+    token limit; cancelled) and the tokens it took (the ending one included). The static path
+    (`continuous = False`) knows only the text."""
+
+    text: str
+    finish_reason: str | None = None
+    tokens: int | None = None
+
+
 @dataclass(eq=False)
 class _Job:
     entry: object
@@ -101,6 +112,12 @@ class Batcher:
     ) -> list[str]:
         """Greedy continuations, decoded together with other requests' rows of any task, each
         cut at the task's stop strings and at `stop`."""
+        return [g.text for g in await self.complete(entry, examples, max_tokens, stop)]
+
+    async def complete(
+        self, entry, examples: list[Example], max_tokens: int, stop: list[str] | None = None
+    ) -> list[Generated]:
+        """As `generate`, with why each text ended and its token count."""
         future = asyncio.get_running_loop().create_future()
         await self._submit(_Job(entry, examples, future, max_tokens, stop))
         return await future
@@ -118,12 +135,17 @@ class Batcher:
             await asyncio.wait(pending)
 
     async def stream(
-        self, entry, example: Example, max_tokens: int | None, stop: list[str] | None = None
+        self,
+        entry,
+        example: Example,
+        max_tokens: int | None,
+        stop: list[str] | None = None,
+        ended: list[Generated] | None = None,
     ) -> AsyncIterator[str]:
         """The greedy continuation of one input, piece by piece as it decodes (continuous
         batching), cut at the task's stop strings and at `stop`: the pieces put together are
-        what `generate` returns. Leaving the iteration early (a client gone) frees the row at
-        the next step."""
+        what `generate` returns; `ended`, if given, receives the row's Generated once it is
+        over. Leaving the iteration early (a client gone) frees the row at the next step."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         end = object()
@@ -139,7 +161,10 @@ class Batcher:
             while (piece := await pieces.get()) is not end:
                 sent += piece
                 yield piece
-            text = future.result()[0]  # raises what the step raised
+            result = future.result()[0]  # raises what the step raised
+            if ended is not None:
+                ended.append(result)
+            text = result.text
             if len(text) > len(sent) and text.startswith(sent):  # the static path: all at once
                 yield text[len(sent) :]
         finally:
@@ -190,6 +215,8 @@ class Batcher:
             if self.metrics is not None:
                 self.metrics.observe_batch(sum(len(j.examples) for j in live), len(live))
             for j, out in zip(live, outs):
+                if kind == "generate":
+                    out = [Generated(text) for text in out]
                 if not j.future.done():
                     j.future.set_result(out)
 
@@ -215,7 +242,9 @@ class Batcher:
                 return
             for row in finished:
                 job, i = row.tag
-                job.results[i] = row.text
+                job.results[i] = Generated(row.text, row.finish_reason, len(row.tokens))
+                if row.finish_reason == "cancelled" and self.metrics is not None:
+                    self.metrics.observe_cancelled(1)
                 job.left -= 1
                 if job.left == 0 and not job.future.done():
                     job.future.set_result(job.results)

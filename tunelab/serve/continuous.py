@@ -45,6 +45,7 @@ class Row:
     tag: object = None  # the caller's (which request, which input)
     tokens: list[int] = field(default_factory=list)
     text: str | None = None  # set when the row is finished
+    finish_reason: str | None = None  # then too: stop (EOS, a stop string), length, cancelled
     sent: str = ""  # what on_token has been given so far
 
     def visible(self, tokenizer) -> str:
@@ -163,6 +164,7 @@ class Decoder:
         finished: list[Row] = []
         for row in new:
             if row.cancelled or row.limit < 1:
+                row.finish_reason = "cancelled" if row.cancelled else "length"
                 self._finish(row, row.entry.backbone.tokenizer)
                 finished.append(row)
                 continue
@@ -257,13 +259,14 @@ class Decoder:
         tok = batch.tokenizer
         for row, t in zip(rows, nxt.tolist()):
             row.tokens.append(t)
-            done = t == tok.eos_token_id or len(row.tokens) >= row.limit
+            stopped = t == tok.eos_token_id  # or at a stop string, below
             if row.stop or row.on_token is not None:
                 text = tok.decode(row.tokens, skip_special_tokens=True)
-                done = done or any(s in text.lstrip() for s in row.stop if s)
-                if not done and row.on_token is not None:
+                stopped = stopped or any(s in text.lstrip() for s in row.stop if s)
+                if not stopped and len(row.tokens) < row.limit and row.on_token is not None:
                     self._send(row, held_back(cut_at_stop(text, row.stop), row.stop))
-            if done:
+            if stopped or len(row.tokens) >= row.limit:
+                row.finish_reason = "stop" if stopped else "length"
                 self._finish(row, tok)
 
     def _leave(self, batch: _Batch) -> list[Row]:
@@ -271,6 +274,7 @@ class Decoder:
         if gone:
             for r in gone:
                 if r.text is None:  # cancelled: what it had
+                    r.finish_reason = "cancelled"
                     self._finish(r, batch.tokenizer)
             batch.keep([i for i, r in enumerate(batch.rows) if r.text is None])
         return gone

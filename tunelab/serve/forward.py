@@ -18,6 +18,8 @@ from contextlib import contextmanager
 import torch
 
 from tunelab.device import autocast
+from tunelab.evaluate.calibrate import apply as calibrated
+from tunelab.evaluate.loaded import distribution
 from tunelab.lm.head_cache import (
     HeadCache,
     cached_hidden,
@@ -164,6 +166,18 @@ def classify_mixed(jobs: list[tuple[object, list[Example]]], pad: int) -> list[t
                 out[idx] = _uncached(entry, [examples[i] for i in idx], pad).cpu()
             results[j] = out
     return results
+
+
+def final_logprobs(entry, logp: torch.Tensor) -> torch.Tensor:
+    """classify_mixed's (N, C) label log-probabilities, calibrated where the task is (as
+    `tunelab predict --calibrate` scores)."""
+    return logp if entry.calibration is None else calibrated(logp, entry.calibration)
+
+
+def labelled(entry, logp: torch.Tensor) -> list[tuple[str, dict[str, float]]]:
+    """Each row's label and every label's probability from classify_mixed's scores."""
+    labels = entry.prep.verbalizer.labels
+    return [distribution(labels, row) for row in final_logprobs(entry, logp).exp().tolist()]
 
 
 def _uncached(entry, examples: list[Example], pad: int) -> torch.Tensor:

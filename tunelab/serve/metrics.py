@@ -48,6 +48,7 @@ class Metrics:
         self.latency: dict[tuple[str, str], _Histogram] = {}
         self.batch_rows = _Histogram(BATCH_BUCKETS)
         self.batch_requests = _Histogram(BATCH_BUCKETS)
+        self.cancelled_rows = 0
 
     def observe_request(
         self, endpoint: str, task: str, status: int, seconds: float, n_inputs: int
@@ -64,6 +65,10 @@ class Metrics:
         with self._lock:
             self.batch_rows.observe(rows)
             self.batch_requests.observe(requests)
+
+    def observe_cancelled(self, rows: int) -> None:
+        with self._lock:
+            self.cancelled_rows += rows
 
     def render(self, tasks_loaded: int) -> str:
         with self._lock:
@@ -95,6 +100,10 @@ class Metrics:
                 "# HELP tunelab_batch_requests Requests per forward batch.",
                 "# TYPE tunelab_batch_requests histogram",
                 *self.batch_requests.lines("tunelab_batch_requests", ""),
+                "# HELP tunelab_cancelled_rows_total Streamed rows dropped from decoding because "
+                "their client went away.",
+                "# TYPE tunelab_cancelled_rows_total counter",
+                f"tunelab_cancelled_rows_total {self.cancelled_rows}",
                 "# HELP tunelab_tasks_loaded Tasks loaded now.",
                 "# TYPE tunelab_tasks_loaded gauge",
                 f"tunelab_tasks_loaded {tasks_loaded}",
