@@ -21,8 +21,9 @@ from tunelab.serve.access import Keys, OutsideRoot, hide_root, resolve_under
 from tunelab.serve.batcher import Batcher, encode_inputs
 from tunelab.serve.forward import head_of, labelled
 from tunelab.serve.metrics import Metrics
-from tunelab.serve.openai_api import PATHS as OPENAI_PATHS
-from tunelab.serve.openai_api import add_openai_routes, error_response
+from tunelab.serve.openai_api import add_openai_routes
+from tunelab.serve.openai_schemas import PATHS as OPENAI_PATHS
+from tunelab.serve.openai_schemas import error_response
 from tunelab.serve.schemas import (
     Classified,
     ClassifyRequest,
