@@ -351,7 +351,32 @@ def generation_mix(args) -> dict:
     summary["identical_outputs"] = summary["same_outputs"] == len(requests)
     c, s = summary["continuous"]["short_p50_ms"], summary["static"]["short_p50_ms"]
     summary["short_p50_ratio"] = round(c / s, 3) if c and s else None
+    summary["flop_utilisation"] = generation_utilisation(args, store, requests, parts, outputs)
     return summary
+
+
+def generation_utilisation(args, store, requests, parts, outputs) -> dict:
+    """Per side: model FLOPs of the generations it returned (each prompt after its task's
+    cached head, then one decode step per token; the tokens counted by encoding the returned
+    text again, EOS not counted) per second of its rounds, and their share of the peak."""
+    from machine_peak import peak_for, utilisation
+
+    from tunelab.serve.batcher import encode_inputs
+
+    peak = peak_for(args.peak_json, bf16=False, device="cpu")
+    out = {"peak_gflops": peak["gflops"], "peak_source": peak["source"]}
+    for side, ps in parts.items():
+        done = 0.0
+        for i, _, body in requests:
+            if i not in outputs[side]:
+                continue
+            entry = store.get(body["task"])
+            example = encode_inputs(entry, body["inputs"])[0]
+            n = len(entry.backbone.tokenizer(outputs[side][i], add_special_tokens=False).input_ids)
+            done += generate_flops(entry, example, max(n, 1))
+        u = utilisation(done, sum(p["seconds"] for p in ps), peak)
+        out[side] = {k: u[k] for k in ("model_gflops_per_second", "mfu")}
+    return out
 
 
 def classify_flops(entry, examples) -> float:
