@@ -99,7 +99,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("child", "out")}
     report = {"command": " ".join(sys.argv), "settings": settings, "runs": runs}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")  # paths as text
     print(f"results: {args.out}")
 
 
