@@ -22,7 +22,7 @@ from tunelab.evaluate.calibrate import measure as measure_calibration
 from tunelab.evaluate.calibrate import refuse_generation
 from tunelab.evaluate.metrics import headline
 from tunelab.evaluate.predict import evaluate_split
-from tunelab.io import check_writable_dir
+from tunelab.io import check_writable_dir, read_meta
 from tunelab.io import read_tensors_meta as read_checkpoint_meta
 from tunelab.methods.base import TunedLM
 from tunelab.models import load_backbone
@@ -74,6 +74,8 @@ class Request:
     validate_only: bool = False
     validation_log: Path | None = None  # each validation result as a JSON line, as it comes
     progress: bool = True  # progress bars (lines go to train_task's `say`)
+    # the method config the artifact records, where it is not the one trained with (None: that)
+    artifact_cfg: object = None
 
     @property
     def run_id(self) -> dict:
@@ -81,7 +83,7 @@ class Request:
         return {
             "task": self.task.name,
             "method": self.method,
-            "method_config": dataclasses.asdict(self.method_cfg),
+            "method_config": dataclasses.asdict(self.artifact_cfg or self.method_cfg),
         }
 
 
@@ -114,7 +116,12 @@ def train_task(req: Request, say: Say = print) -> TrainResult | None:
 
     Under `torchrun` every rank calls this; rank 0 writes the artifact and gets the result,
     the other ranks get None."""
-    check_out(req.out, req.run_id, req.resume, req.overwrite)
+    staged = two_stage(req)
+    if not (staged and req.resume and not (req.out / "checkpoints").is_dir()):
+        # (a two-stage hybrid resumed before its stage 2 began has only its core's checkpoints)
+        check_out(req.out, req.run_id, req.resume, req.overwrite)
+    if staged:
+        req = train_core(req, say)
     world, device = distributed.init(req.train_cfg.device)
     if not world.main:
         say = _silent
@@ -132,6 +139,10 @@ def train_task(req: Request, say: Say = print) -> TrainResult | None:
     start = time.perf_counter()
     result = fit(req, tuned, backbone, data, say)
     seconds = time.perf_counter() - start
+    if staged:  # the core's training is part of the hybrid's cost: time, trained parameters
+        core = read_meta(Path(req.method_cfg.core))["metrics"]
+        seconds += core["train_seconds"]
+        n_train += core["trainable_parameters"]
     metrics, calibration = score_best(req, tuned, data, world)
     if not world.main:  # rank 0 holds the same weights and writes the one artifact
         distributed.finish()
@@ -144,7 +155,7 @@ def train_task(req: Request, say: Say = print) -> TrainResult | None:
     save_artifact(
         req.out,
         req.method,
-        req.method_cfg,
+        req.artifact_cfg or req.method_cfg,
         tuned,
         req.task,
         backbone,
@@ -161,6 +172,42 @@ def train_task(req: Request, say: Say = print) -> TrainResult | None:
         req.out, req.method, data.report, metrics, validation, summary, seconds, baseline,
         calibration, result.history,
     )  # fmt: skip
+
+
+def two_stage(req: Request) -> bool:
+    """A hybrid that trains its own core first (stages=two, no core=DIR given)."""
+    cfg = req.method_cfg
+    return req.method == "hybrid" and cfg.stages == "two" and not cfg.core
+
+
+def train_core(req: Request, say: Say) -> Request:
+    """Stage 1 of the two-stage hybrid: a LoRA core trained on the task with the hybrid's LoRA
+    settings and `steps`, selected on validation, written to OUT/core (a `lora` artifact of its
+    own, which other tasks can build on with core=OUT/core). Returns stage 2: the prompt on
+    that core, frozen. The hybrid's artifact holds the core's weights itself and records
+    `core` empty, so it does not need OUT/core to load. A --resume that finds the core done
+    goes on to stage 2."""
+    from tunelab.io import META
+    from tunelab.methods.hybrid import CORE_DIR
+
+    core = req.out / CORE_DIR
+    if req.overwrite or not (core / META).is_file():
+        say(f"hybrid stage 1 of 2: a LoRA core on the task, into {core}")
+        last = core / "checkpoints" / "last.safetensors"
+        resume = req.resume and last.is_file()
+        core_req = dataclasses.replace(
+            req, method="lora", out=core, method_cfg=req.method_cfg.lora_settings(),
+            baseline=False, validate_only=True, validation_log=None, resume=resume,
+            overwrite=not resume,
+        )  # fmt: skip
+        train_task(core_req, say)
+    else:
+        say(f"hybrid: the LoRA core in {core} is done (stage 1 of 2)")
+    say("hybrid stage 2 of 2: the soft prompt on the frozen core")
+    cfg = req.method_cfg
+    return dataclasses.replace(
+        req, method_cfg=dataclasses.replace(cfg, core=str(core)), artifact_cfg=cfg
+    )
 
 
 def run_summary(report, metrics, baseline, result, seconds, n_train, n_total) -> dict:

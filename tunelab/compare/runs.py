@@ -82,7 +82,8 @@ def artifact_bytes(out: Path) -> int:
         p.stat().st_size
         for p in out.rglob("*")
         if p.is_file()
-        and "checkpoints" not in p.relative_to(out).parts
+        # a two-stage hybrid's core (OUT/core) is a by-product: the artifact holds its weights
+        and not {"checkpoints", "core"} & set(p.relative_to(out).parts)
         and not p.name.startswith(("predictions", "run.log", "record", "metrics.json"))
     )
 

@@ -1,6 +1,8 @@
 """Hybrid: a LoRA core and a soft prompt in one model and one artifact (PEFT refuses this
-combination). Either both train at once, or a fine-tuned LoRA core (`core=DIR`, a `lora`
-artifact) stays frozen and a new task is prompt-tuned on top of it.
+combination). A fine-tuned LoRA core (`core=DIR`, a `lora` artifact) stays frozen and a task is
+prompt-tuned on top of it. Without `core`, `stages=two` (the default) trains the core on the
+task first, into OUT/core (tunelab/pipeline.py), then the prompt on it; `stages=joint` trains
+both at once, which measured less accurate and far less stable (benchmarks/RESULTS.md).
 
 The artifact keeps each part in PEFT's format: the LoRA core at the top level (so
 `PeftModel.from_pretrained` loads the core) and the soft prompt under `prompt/`.
@@ -17,6 +19,8 @@ from tunelab.methods import lora, prompt_tuning
 from tunelab.methods.base import TunedLM, set_trainable
 
 PROMPT_DIR = "prompt"
+CORE_DIR = "core"  # the two-stage hybrid's stage 1: a LoRA artifact of its own, inside OUT
+STAGES = ("two", "joint")
 
 
 @dataclass
@@ -37,10 +41,14 @@ class HybridConfig:
     lr: float = 2e-4  # the core's
     weight_decay: float = 0.0
     core: str = ""  # a trained `lora` artifact to freeze and build on; empty: train a new core
+    # two: a new core trains first (OUT/core), then the prompt on it, frozen; joint: both at once
+    stages: str = "two"
 
     def __post_init__(self):
         self.prompt_config()
         self.lora_settings()
+        if self.stages not in STAGES:
+            raise TunelabError(f"stages must be one of {', '.join(STAGES)}, got {self.stages!r}")
         if self.prompt_lr <= 0:
             raise TunelabError(f"prompt_lr must be > 0, got {self.prompt_lr}")
         if self.core and not (Path(self.core) / lora.ADAPTER_WEIGHTS).is_file():
