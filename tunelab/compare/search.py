@@ -304,6 +304,9 @@ def _follow(
                     proc.send_signal(signal.SIGTERM)
                     proc.wait()
                     _truncate(progress, point["step"])
+                    # a fast child may have finished meanwhile: pruned whatever the timing, and
+                    # no artifact, which a resumed search would take for a finished trial
+                    (run_dir / "tunelab.json").unlink(missing_ok=True)
                     return "pruned", None
             seen = len(curve)
             if code is not None:

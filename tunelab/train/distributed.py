@@ -215,6 +215,8 @@ def barrier(w: World) -> None:
 
 
 def finish() -> None:
-    """Leave the process group (a no-op for one process)."""
+    """Leave the process group (a no-op for one process), once every rank is here: a rank
+    that tears gloo down while its peer still has work in flight can abort (SIGABRT)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
