@@ -130,38 +130,47 @@ class Server:
         self.thread.join(30)
 
 
-async def load(url: str, requests: list[tuple[int, dict]], clients: int) -> dict:
-    """Send (index, body) requests from `clients` concurrent clients; latencies, labels by
-    index, errors, and the wall time."""
+async def drive(url: str, path: str, requests: list[tuple], clients: int, answer) -> dict:
+    """POST (index, kind, body) requests to `path` from `clients` concurrent clients (after one
+    warm-up request); latencies by kind, `answer(reply JSON)` by index, errors, wall time."""
     import httpx
 
-    latencies, labels, errors = [], {}, 0
+    latencies: dict[str, list[float]] = {}
+    answers, errors = {}, 0
     queue = list(requests)
 
     async def client(http):
         nonlocal errors
         while queue:
-            i, body = queue.pop()
+            i, kind, body = queue.pop()
             start = time.perf_counter()
             try:
-                r = await http.post("/v1/classify", json=body)
+                r = await http.post(path, json=body)
                 r.raise_for_status()
-                labels[i] = r.json()["results"][0]["label"]
+                answers[i] = answer(r.json())
             except Exception:
                 errors += 1
-            latencies.append(time.perf_counter() - start)
+            latencies.setdefault(kind, []).append(time.perf_counter() - start)
 
     limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
-        await http.post("/v1/classify", json=requests[0][1])  # warm-up
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        await http.post(path, json=requests[0][2])  # warm-up
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - start
-    return {"latencies": latencies, "labels": labels, "errors": errors, "seconds": wall}
+    return {"latencies": latencies, "answers": answers, "errors": errors, "seconds": wall}
+
+
+def label_of(reply: dict) -> str:
+    return reply["results"][0]["label"]
+
+
+def output_of(reply: dict) -> str:
+    return reply["outputs"][0]
 
 
 def summarise(parts: list[dict], n: int) -> dict:
-    latencies = [x for p in parts for x in p["latencies"]]
+    latencies = [x for p in parts for xs in p["latencies"].values() for x in xs]
     wall = sum(p["seconds"] for p in parts)
     q = statistics.quantiles(latencies, n=100)
     return {
@@ -171,7 +180,7 @@ def summarise(parts: list[dict], n: int) -> dict:
         "p50_ms": round(q[49] * 1000, 1),
         "p99_ms": round(q[98] * 1000, 1),
         "errors": sum(p["errors"] for p in parts),
-        "labels": {k: v for p in parts for k, v in p["labels"].items()},
+        "labels": {k: v for p in parts for k, v in p["answers"].items()},
     }
 
 
@@ -234,37 +243,6 @@ def rewrite_task():
     return TaskSpec.from_dict(d)
 
 
-async def load_generation(url: str, requests: list[tuple[int, dict]], clients: int) -> dict:
-    """Send (index, /v1/generate body) requests from `clients` concurrent clients; latencies
-    by kind (short/long), outputs by index, errors, and the wall time."""
-    import httpx
-
-    latencies: dict[str, list[float]] = {"short": [], "long": []}
-    outputs, errors = {}, 0
-    queue = list(requests)
-
-    async def client(http):
-        nonlocal errors
-        while queue:
-            i, kind, body = queue.pop()
-            start = time.perf_counter()
-            try:
-                r = await http.post("/v1/generate", json=body)
-                r.raise_for_status()
-                outputs[i] = r.json()["outputs"][0]
-            except Exception:
-                errors += 1
-            latencies[kind].append(time.perf_counter() - start)
-
-    limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        await http.post("/v1/generate", json=requests[0][2])  # warm-up
-        start = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        wall = time.perf_counter() - start
-    return {"latencies": latencies, "outputs": outputs, "errors": errors, "seconds": wall}
-
-
 def _quantile_ms(xs: list[float], q: int) -> float | None:
     if not xs:
         return None
@@ -320,7 +298,9 @@ def generation_mix(args) -> dict:
         for r in range(args.rounds):  # alternating rounds, as for classification
             chunk = requests[r * step : (r + 1) * step]
             for side, server in servers[:: 1 if r % 2 == 0 else -1]:
-                parts[side].append(asyncio.run(load_generation(server.url, chunk, args.clients)))
+                parts[side].append(
+                    asyncio.run(drive(server.url, "/v1/generate", chunk, args.clients, output_of))
+                )
     summary = {
         "mode": "generation-mix",
         "machine_threads": torch.get_num_threads(),
@@ -336,8 +316,8 @@ def generation_mix(args) -> dict:
     outputs = {}
     for side, ps in parts.items():
         wall = sum(p["seconds"] for p in ps)
-        lat = {k: [x for p in ps for x in p["latencies"][k]] for k in ("short", "long")}
-        outputs[side] = {i: o for p in ps for i, o in p["outputs"].items()}
+        lat = {k: [x for p in ps for x in p["latencies"].get(k, [])] for k in ("short", "long")}
+        outputs[side] = {i: o for p in ps for i, o in p["answers"].items()}
         summary[side] = {
             "seconds": round(wall, 2),
             "requests_per_second": round(len(requests) / wall, 2),
@@ -439,7 +419,7 @@ def flop_utilisation(parts: dict[str, list[dict]], flops: list[float], peak: dic
     out = {"peak_gflops": peak["gflops"], "peak_source": peak["source"]}
     out["model_gflop_per_request"] = round(statistics.mean(flops) / 1e9, 4)
     for side, ps in parts.items():
-        served = sum(flops[i] for p in ps for i in p["labels"])
+        served = sum(flops[i] for p in ps for i in p["answers"])
         u = utilisation(served, sum(p["seconds"] for p in ps), peak)
         out[side] = {k: u[k] for k in ("model_gflops_per_second", "mfu")}
     return out
@@ -520,14 +500,16 @@ def main() -> None:
     apps = {"tunelab": create_app(store, cfg), "peft": create_app(store, cfg)}
     apps["peft"].state.batcher.compute = peft_compute(peft_model, pad)
     parts: dict[str, list[dict]] = {"tunelab": [], "peft": []}
-    indexed = list(enumerate(requests))
+    indexed = [(i, "classify", body) for i, body in enumerate(requests)]
     step = -(-len(indexed) // args.rounds)
     with Server(apps["tunelab"], args.port) as s1, Server(apps["peft"], args.port + 1) as s2:
         # alternating rounds: a change in the machine's other load hits both sides alike
         for r in range(args.rounds):
             chunk = indexed[r * step : (r + 1) * step]
             for side, server in (("tunelab", s1), ("peft", s2))[:: 1 if r % 2 == 0 else -1]:
-                parts[side].append(asyncio.run(load(server.url, chunk, args.clients)))
+                parts[side].append(
+                    asyncio.run(drive(server.url, "/v1/classify", chunk, args.clients, label_of))
+                )
     results = {side: summarise(p, len(requests)) for side, p in parts.items()}
     a, b = results["tunelab"]["labels"], results["peft"]["labels"]
     a, b = [a.get(i) for i in range(len(requests))], [b.get(i) for i in range(len(requests))]

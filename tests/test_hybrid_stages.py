@@ -76,3 +76,25 @@ def test_joint_trains_both_at_once_without_a_core_folder(tiny_model_dir, tiny_ta
 def test_stages_must_be_two_or_joint(tiny_task, tmp_path):
     with pytest.raises(tunelab.TunelabError, match="stages must be one of two, joint, got .three."):
         tunelab.train(tiny_task, method="hybrid", out=tmp_path / "x", stages="three")
+
+
+def test_two_stage_on_a_task_without_validation_says_what_needs_it(tiny_model_dir, tmp_path):
+    from conftest import make_task
+
+    from tunelab.errors import TunelabError
+
+    task = make_task(tmp_path)
+    task.write_text(task.read_text().replace("size: 8", "size: 0"))
+    with pytest.raises(TunelabError) as e:
+        tunelab.train(
+            task, method="hybrid", out=tmp_path / "h", model=str(tiny_model_dir), progress=False,
+            **TINY,
+        )  # fmt: skip
+    assert "two-stage hybrid" in str(e.value) and "stages=joint" in str(e.value)
+    assert "--validate-only" not in str(e.value)
+    # the joint hybrid trains without validation
+    run = tunelab.train(
+        task, method="hybrid", out=tmp_path / "j", model=str(tiny_model_dir), progress=False,
+        stages="joint", **TINY,
+    )  # fmt: skip
+    assert (tmp_path / "j" / "tunelab.json").is_file() and run is not None

@@ -263,9 +263,7 @@ def _cancelled(http) -> float:
 
 def test_a_client_that_goes_away_frees_its_row(server, http, client):
     q = QUESTIONS[2]
-    start = time.perf_counter()
     whole = client.completions.create(model="sql", prompt=q, max_tokens=256)
-    full = time.perf_counter() - start
     assert whole.choices[0].finish_reason == "length"  # left alone, it runs 256 tokens
     before = _cancelled(http)
     body = {"model": "sql", "prompt": q, "max_tokens": 256, "stream": True}
@@ -275,15 +273,14 @@ def test_a_client_that_goes_away_frees_its_row(server, http, client):
         lines = r.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["text"]
-        gone = time.perf_counter()
-    # the connection is closed: the decoding loop drops the row at its next step, and its
-    # batch ends (the count is taken when the batch is over) long before 256 tokens
+    # the connection is closed: the decoding loop drops the row at its next step (a row that
+    # ran to its 256 tokens would end as "length" and not be counted; no wall-clock bound,
+    # which a busy machine breaks)
     deadline = time.time() + 30
     while _cancelled(http) == before:
         assert time.time() < deadline, "the row was not cancelled"
         time.sleep(0.01)
     assert _cancelled(http) == before + 1
-    assert time.perf_counter() - gone < full / 2
 
 
 def test_static_batching_answers_the_same(store, http):

@@ -180,7 +180,7 @@ def test_mixed_generation_equals_one_task_generation(store):
     questions = [f"How many {t} rows are there?" for t in TABLES] + ["Name every singer ."]
     # the same questions for three tasks, in one batch with a fourth request's shorter limit
     jobs = [
-        (store.get(n), _examples(store.get(n), qs), limit)
+        (store.get(n), _examples(store.get(n), qs), limit, ())
         for n, qs, limit in [
             ("sql", questions[:3], 12),
             ("sql-prefix", questions[:3], 12),
@@ -189,7 +189,7 @@ def test_mixed_generation_equals_one_task_generation(store):
         ]
     ]
     mixed = generate_mixed(jobs, pad)
-    for (entry, examples, limit), got in zip(jobs, mixed):
+    for (entry, examples, limit, _), got in zip(jobs, mixed):
         with task_routing(entry):
             want = greedy_generate(
                 entry.tuned, examples, entry.backbone.tokenizer, limit, entry.task.generation.stop

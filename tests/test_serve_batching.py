@@ -108,7 +108,7 @@ def test_rows_joining_mid_decode_get_the_static_paths_text(gen_store):
         want = _static(entry, _examples(entry, texts), limit)
         assert [r.text for r in rows[i]] == want, (name, limit)
         # and what the server's static mixed-task batches return
-        assert generate_mixed([(entry, _examples(entry, texts), limit)], pad)[0] == want
+        assert generate_mixed([(entry, _examples(entry, texts), limit, ())], pad)[0] == want
     lengths = {len(r.tokens) for rs in rows.values() for r in rs}
     assert 40 in lengths and 1 in lengths  # rows ran to different lengths
     assert len({r.text for rs in rows.values() for r in rs}) > 8  # tasks and inputs differ

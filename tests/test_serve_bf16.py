@@ -78,7 +78,7 @@ def test_bf16_serving_agrees_with_float32(tiny_model_dir, artifacts):
 
     questions = [f"How many {t} rows are there?" for t in TABLES]
     texts = {
-        b: generate_mixed([(s.get("sql"), encode_inputs(s.get("sql"), questions), 6)], pad)[0]
+        b: generate_mixed([(s.get("sql"), encode_inputs(s.get("sql"), questions), 6, ())], pad)[0]
         for b, s in (("fp32", fp32), ("bf16", bf16))
     }
     assert all(texts["fp32"])  # the tiny model says something

@@ -72,6 +72,7 @@ class Request:
     eval_split: str | None = None
     limit: int | None = None
     validate_only: bool = False
+    validate_only_why: str = "--validate-only"  # who asked for it, for the error without one
     validation_log: Path | None = None  # each validation result as a JSON line, as it comes
     progress: bool = True  # progress bars (lines go to train_task's `say`)
     # the method config the artifact records, where it is not the one trained with (None: that)
@@ -198,7 +199,10 @@ def train_core(req: Request, say: Say) -> Request:
         core_req = dataclasses.replace(
             req, method="lora", out=core, method_cfg=req.method_cfg.lora_settings(),
             baseline=False, validate_only=True, validation_log=None, resume=resume,
-            overwrite=not resume,
+            overwrite=not resume, validate_only_why=(
+                "the two-stage hybrid, which picks its LoRA core on validation (stages=joint or "
+                "core=DIR train without one),"
+            ),
         )  # fmt: skip
         train_task(core_req, say)
     else:
@@ -237,7 +241,7 @@ def prepare_data(req: Request, backbone, say: Say) -> Data:
     only = {val_name} if req.validate_only else None
     prep = PreparedTask.load(task, backbone.tokenizer, cfg.max_length, only=only)
     if req.validate_only and val_name not in prep.splits:
-        raise TunelabError(f"{task.source}: --validate-only needs a {val_name!r} split")
+        raise TunelabError(f"{task.source}: {req.validate_only_why} needs a {val_name!r} split")
     report = None if req.validate_only else prep.eval_split(req.eval_split)
     if report is not None:
         prep.limit(report, req.limit)

@@ -20,6 +20,7 @@ import torch
 
 from tunelab.lm.scoring import (
     after_prefix,
+    cache_from,
     cache_of,
     expanded_cache,
     label_logprobs_at,
@@ -195,8 +196,6 @@ def stack_heads(heads: list[HeadCache], used: list[int], like: torch.Tensor):
     """One DynamicCache for a batch: row b holds the first used[b] slots of its own head,
     right-aligned (B, H, P, Dh) per layer, and its (B, P) mask. This copy is all that switching
     task costs a row. Keys keep the dtype they were computed in (bf16 under autocast)."""
-    from transformers import DynamicCache
-
     B, P = len(heads), max(used)
     ref = next(h for h, u in zip(heads, used) if u)
     L, H, _, Dh = ref.keys.shape
@@ -211,10 +210,7 @@ def stack_heads(heads: list[HeadCache], used: list[int], like: torch.Tensor):
             k[:, b, :, P - u :] = head.keys[:, :, :u]
             v[:, b, :, P - u :] = head.values[:, :, :u]
             mask[b, P - u :] = 1
-    cache = DynamicCache()
-    for layer in range(L):
-        cache.update(k[layer], v[layer], layer)
-    return cache, mask
+    return cache_from(k, v), mask
 
 
 def label_rows(tuned, verbalizer: Verbalizer, ex: Example) -> list[tuple[list[int], list | None]]:

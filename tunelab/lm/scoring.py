@@ -47,15 +47,24 @@ def cache_of(out):
     return out.cache if "cache" in out else out.past_key_values
 
 
-def expanded_cache(keys, values, batch_size: int):
-    """A DynamicCache holding the same keys and values, (layers, H, P, Dh) each, before every
-    row of a batch: expanded over the batch (a view, no copy)."""
+def cache_from(keys, values):
+    """A DynamicCache holding per-layer keys and values, (B, H, P, Dh) each (any iterable over
+    the layers: a list, or a (L, B, H, P, Dh) tensor)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    for layer, (k, v) in enumerate(zip(keys[:, None], values[:, None])):  # (1, H, P, Dh) each
-        cache.update(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1), layer)
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k, v, layer)
     return cache
+
+
+def expanded_cache(keys, values, batch_size: int):
+    """A DynamicCache holding the same keys and values, (layers, H, P, Dh) each, before every
+    row of a batch: expanded over the batch (a view, no copy)."""
+    return cache_from(
+        (k.expand(batch_size, -1, -1, -1) for k in keys[:, None]),  # (1, H, P, Dh) → (B, ...)
+        (v.expand(batch_size, -1, -1, -1) for v in values[:, None]),
+    )
 
 
 def after_prefix(tuned, mask: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):

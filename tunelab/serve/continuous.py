@@ -25,7 +25,7 @@ import torch
 
 from tunelab.lm.generate import cut_at_stop
 from tunelab.lm.head_cache import after_heads
-from tunelab.lm.scoring import after_prefix, cache_of, with_cache
+from tunelab.lm.scoring import after_prefix, cache_from, cache_of, with_cache
 from tunelab.serve.forward import head_of, length_chunks, precision, routing, task_routing
 from tunelab.tasks.encode import Example
 
@@ -111,12 +111,7 @@ class _Batch:
         self.pos, self.nxt = self.pos[idx], self.nxt[idx]
 
     def cache(self):
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            cache.update(k, v, layer)
-        return cache
+        return cache_from(self.keys, self.values)
 
 
 def _cat_left(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:

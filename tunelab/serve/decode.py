@@ -26,8 +26,8 @@ def _decode_chunk(model, tokenizer, rows: list[tuple], pad: int) -> list[str]:
 
 @torch.no_grad()
 def generate_mixed(jobs: list[tuple], pad: int) -> list[list[str]]:
-    """The greedy continuation of each example of each (task entry, examples, max tokens[,
-    extra stop strings]) job; jobs of tasks on one backbone decode together to the end of the
+    """The greedy continuation of each example of each (task entry, examples, max tokens, extra
+    stop strings or None) job; jobs of tasks on one backbone decode together to the end of the
     longest (the static path; the server batches continuously, see continuous.py)."""
     results: list[list[str]] = [[""] * len(job[1]) for job in jobs]
     by_model: dict[int, list[int]] = {}
@@ -37,8 +37,7 @@ def generate_mixed(jobs: list[tuple], pad: int) -> list[list[str]]:
         entry0 = jobs[group[0]][0]
         rows, where = [], []  # where: (job, example) of each row
         for j in group:
-            entry, examples, limit = jobs[j][:3]
-            extra = jobs[j][3] if len(jobs[j]) > 3 else None
+            entry, examples, limit, extra = jobs[j]
             head = head_of(entry)
             stop = list(entry.task.generation.stop) + list(extra or [])
             for i, ex in enumerate(examples):
