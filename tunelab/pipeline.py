@@ -117,15 +117,23 @@ def train_task(req: Request, say: Say = print) -> TrainResult | None:
 
     Under `torchrun` every rank calls this; rank 0 writes the artifact and gets the result,
     the other ranks get None."""
+    if not distributed.world().main:  # (read from the launcher's variables: no group yet)
+        say = _silent
     staged = two_stage(req)
     if not (staged and req.resume and not (req.out / "checkpoints").is_dir()):
         # (a two-stage hybrid resumed before its stage 2 began has only its core's checkpoints)
         check_out(req.out, req.run_id, req.resume, req.overwrite)
     if staged:
         req = train_core(req, say)
+    result = train_one(req, say, staged)
+    distributed.finish()  # once, after every stage: a group left and joined again can hang
+    return result
+
+
+def train_one(req: Request, say: Say, staged: bool = False) -> TrainResult | None:
+    """One training run (`train_task` without its checks and stages), in the process group
+    it joins and leaves joined; rank 0 writes the artifact and gets the result."""
     world, device = distributed.init(req.train_cfg.device)
-    if not world.main:
-        say = _silent
     backbone = load_backbone(req.model)
     if not (req.train_cfg.fsdp and world.distributed):
         # (under FSDP each block moves to the device as it is sharded, never whole)
@@ -146,7 +154,6 @@ def train_task(req: Request, say: Say = print) -> TrainResult | None:
         n_train += core["trainable_parameters"]
     metrics, calibration = score_best(req, tuned, data, world)
     if not world.main:  # rank 0 holds the same weights and writes the one artifact
-        distributed.finish()
         return None
     summary = run_summary(data.report, metrics, baseline, result, seconds, n_train, n_total)
     summary["peak_memory_mb"] = peak_memory_mb(device)
@@ -166,7 +173,6 @@ def train_task(req: Request, say: Say = print) -> TrainResult | None:
         data.prep.demos.pool if data.prep.demos else None,
         calibration.to_dict() if calibration else None,
     )
-    distributed.finish()
     validation = {k: summary[k] for k in ("best_validation", "best_step")}
     validation.update(start_scores(result.history))
     return TrainResult(
@@ -204,7 +210,9 @@ def train_core(req: Request, say: Say) -> Request:
                 "core=DIR train without one),"
             ),
         )  # fmt: skip
-        train_task(core_req, say)
+        check_out(core, core_req.run_id, core_req.resume, core_req.overwrite)
+        train_one(core_req, say)
+        distributed.barrier(distributed.world())  # the other ranks read the core rank 0 wrote
     else:
         say(f"hybrid: the LoRA core in {core} is done (stage 1 of 2)")
     say("hybrid stage 2 of 2: the soft prompt on the frozen core")
