@@ -185,6 +185,16 @@ def test_set_reads_numbers_as_people_write_them():
     assert (cfg.lr, cfg.bf16, cfg.warmup, cfg.schedule) == (3e-3, True, 10.0, "cosine")
 
 
+def test_settings_that_need_each_other_apply_in_any_order():
+    from tunelab.methods.prompt_tuning import PromptTuningConfig
+    from tunelab.train.config import TrainConfig, apply_overrides
+
+    text = "What kind of answer: a person, a place?"  # a colon: still text, not a YAML mapping
+    for pairs in (["init=text", f"init_text={text}"], [f"init_text={text}", "init=text"]):
+        _, cfg = apply_overrides(pairs, TrainConfig(), PromptTuningConfig())
+        assert (cfg.init, cfg.init_text) == ("text", text)
+
+
 def test_bf16_auto_is_on_only_where_bfloat16_runs_natively(monkeypatch):
     import torch
 

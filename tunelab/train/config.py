@@ -151,6 +151,7 @@ def apply_settings(settings, *configs):
     has that field; each value is a Python value, or text as written after `--set key=` (read as
     YAML). Unknown keys and values of the wrong type raise SettingError naming the key."""
     out = list(configs)
+    changes: list[dict] = [{} for _ in out]  # applied at once: checks see every setting given
     items = settings.items() if isinstance(settings, dict) else settings
     for key, value in items:
         raw = value if isinstance(value, str) else str(value)
@@ -163,13 +164,13 @@ def apply_settings(settings, *configs):
             parsed = value
         for i, cfg in enumerate(out):
             if key in {f.name for f in dataclasses.fields(cfg)}:
-                value = _coerce(type(cfg), key, raw, parsed)
-                out[i] = dataclasses.replace(cfg, **{key: value})  # re-runs __post_init__ checks
+                changes[i][key] = _coerce(type(cfg), key, raw, parsed)
                 break
         else:
             known = sorted({f.name for cfg in out for f in dataclasses.fields(cfg)})
             raise SettingError(key, f"{key}: unknown setting (known: {', '.join(known)})")
-    return out
+    # (replace re-runs __post_init__ checks, once each, whatever order the settings came in)
+    return [dataclasses.replace(cfg, **ch) if ch else cfg for cfg, ch in zip(out, changes)]
 
 
 def setting_text(value) -> str:
