@@ -118,7 +118,7 @@ def test_peft_agrees_on_the_default_model(tmp_path):
     backbone = load_backbone()
     task = load_task("demo")
     prep = PreparedTask.load(task, backbone.tokenizer)
-    cfg = pt.PromptTuningConfig(num_virtual_tokens=8)  # defaults: label init, after_bos
+    cfg = pt.PromptTuningConfig(num_virtual_tokens=8)  # defaults: vocab init, after_bos
     tuned = pt.build(backbone, cfg, prep.verbalizer)
     with torch.no_grad():
         tuned.prompt.embedding.add_(0.01 * torch.randn_like(tuned.prompt.embedding))

@@ -23,7 +23,13 @@ EVIDENCE = (
         "intervals (issue 13)",
         seeds=3,
         tuned=True,
-        scores={"zero-shot": 0.5161, "prompt-tuning": 0.6953, "lora": 0.8326},
+        scores={
+            "zero-shot": 0.5161,
+            "prompt-tuning": 0.6953,
+            "prefix": 0.8177,
+            "lora": 0.8326,
+            "full": 0.8219,
+        },
     ),
     Evidence(
         task="TREC, 16 per class, tuned (test, 500 rows)",

@@ -31,7 +31,7 @@ REPARAMETERIZATIONS = ("none", "residual")
 @dataclass
 class PromptTuningConfig:
     num_virtual_tokens: int = 20
-    init: str = "labels"  # random | vocab (sampled token embeddings) | text | labels
+    init: str = "vocab"  # vocab (sampled token embeddings) | random | text | labels
     init_text: str = ""
     insert: str = "after_bos"  # after_bos (or at the start when there is no BOS) | start
     lr: float = 3e-2  # soft prompts want a far larger step than weights
