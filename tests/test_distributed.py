@@ -223,31 +223,15 @@ def test_fsdp_validates_a_generation_task_by_decoding_on_every_rank(tiny_model_d
 def test_two_stage_hybrid_under_torchrun_trains_its_core_then_the_prompt(
     tiny_model_dir, tiny_task, tmp_path
 ):
-    """Stage 1 leaves the process group once the core is written; stage 2 joins it again and
-    every rank reads that core."""
+    """Both stages run in one process group, left once at the end; the other ranks wait for
+    the core rank 0 writes, and read it."""
     out = tmp_path / "hybrid"
-    run = launch(
-        [
-            "-m",
-            "tunelab",
-            "train",
-            "--task",
-            str(tiny_task),
-            "--model",
-            str(tiny_model_dir),
-            "--method",
-            "hybrid",
-            "--out",
-            str(out),
-            "--set",
-            "steps=2",
-            "--set",
-            "batch_size=4",
-            "--set",
-            "eval_every=2",
-        ],  # fmt: skip
-        2,
-    )
+    cmd = [
+        "-m", "tunelab", "train", "--task", str(tiny_task), "--model", str(tiny_model_dir),
+        "--method", "hybrid", "--out", str(out),
+        "--set", "steps=2", "--set", "batch_size=4", "--set", "eval_every=2",
+    ]  # fmt: skip
+    run = launch(cmd, 2)
     # rank 0 alone speaks: each stage once, one artifact
     assert run.stdout.count("hybrid stage 1 of 2") == run.stdout.count("hybrid stage 2 of 2") == 1
     assert run.stdout.count("artifact:") == 1
