@@ -144,6 +144,27 @@ def test_advice_never_ranks_a_method_above_a_better_one_without_a_reason(priorit
             assert any(ranked[0]["note"] in reason for reason in advice["reasons"])
 
 
+def test_a_dataset_measured_twice_counts_once_by_its_most_trustworthy_comparison():
+    from tunelab.compare.evidence import Evidence, prior_gaps
+
+    def ev(dataset, tuned, seeds, **scores):
+        return Evidence(dataset, dataset, "a section", seeds, tuned, scores)
+
+    evidence = (
+        # one seed at default learning rates: lora looks 4 points behind full
+        ev("A", False, 1, full=0.84, lora=0.80, head=0.70),
+        # the same dataset, every method at its searched rate over 3 seeds: lora ahead
+        ev("A", True, 3, full=0.82, lora=0.83),
+        ev("B", True, 3, full=0.87, lora=0.865),
+    )
+    gaps = prior_gaps(evidence)
+    # A's gaps come from the tuned run only; head, which only the default run has, from that one
+    assert gaps["lora"] == pytest.approx((0.0 + -0.005) / 2)
+    assert gaps["full"] == pytest.approx((-0.01 + 0.0) / 2)
+    assert gaps["head"] == pytest.approx(0.70 - 0.84)
+    assert gaps["lora"] > gaps["full"]  # counting A's default run too would have reversed this
+
+
 def _or(value, default):
     return default if value is None else value
 
