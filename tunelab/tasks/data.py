@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -147,6 +147,22 @@ def _carve(rows: list[Record], size: float, rng: random.Random):
     return [rows[i] for i in order[:n]], [r for i, r in enumerate(rows) if i not in carved]
 
 
+def _balanced(task: TaskSpec, split: str, rows: list[Record], size: float, rng: random.Random):
+    """`holdout_balanced`: carve `size` rows (or a fraction) as the same number of each label,
+    so that accuracy on the split weighs every class alike; too few of a label is an error."""
+    n = int(round(size * len(rows))) if size < 1 else int(size)
+    per = n // len(task.labels)
+    counts = Counter(label_of(task, r) for r in rows)
+    short = [label for label in task.labels if counts[label] <= per]
+    if per < 1 or short:
+        raise TunelabError(
+            f"{task.where('holdout.' + split)}: holdout.{split}: {n} rows balanced over "
+            f"{len(task.labels)} labels needs more than {per} of each in train; "
+            + ", ".join(f"{label!r} has {counts[label]}" for label in short or task.labels)
+        )
+    return _per_class(task, rows, per, rng)
+
+
 def _wanted(split: str, only: set[str] | None) -> bool:
     return only is None or split == "train" or split in only
 
@@ -182,7 +198,10 @@ def load_splits(
     rng = random.Random(task.validation.seed)
     train = splits["train"]
     for split, size in task.holdout.items():
-        splits[split], train = _carve(train, size, rng)
+        if task.holdout_balanced:
+            splits[split], train = _balanced(task, split, train, size, rng)
+        else:
+            splits[split], train = _carve(train, size, rng)
     rest: list[Record] = []
     if task.few_shot is not None:
         if task.label_field is None:

@@ -168,6 +168,7 @@ class TaskSpec:
     data: dict[str, str] = field(default_factory=dict)  # split -> absolute file path
     dataset: dict | None = None  # {"name": ..., "config": ...} for Hugging Face datasets
     holdout: dict[str, float] = field(default_factory=dict)  # split -> rows (or a fraction)
+    holdout_balanced: bool = False  # each holdout split: as many rows of every label
     answer_prefix: str = " "
     few_shot: FewShot | None = None
     # field -> {min, max, in, not_in}: rows kept before any splitting (see RowFilter)
@@ -355,6 +356,11 @@ class TaskSpec:
             raise TunelabError(
                 f"{self.where('validation.size')}: validation.size must be >= 0, "
                 f"got {self.validation.size}"
+            )
+        if self.holdout_balanced and (not self.holdout or self.label_field is None):
+            raise TunelabError(
+                f"{self.where('holdout_balanced')}: holdout_balanced: needs a `holdout:` split "
+                "and a classification task (`label_field`)"
             )
         for split, size in self.holdout.items():
             if not 0 < size < math.inf:
