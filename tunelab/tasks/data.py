@@ -74,15 +74,15 @@ def _filter_splits(task: TaskSpec, splits: dict[str, list[Record]]) -> dict[str,
 
 
 def _filter_rows(
-    task: TaskSpec, split: str, rows: list[Record], tests: list[RowFilter]
+    task: TaskSpec, split: str, rows: list[Record], tests: list[RowFilter], under: str = "filter"
 ) -> tuple[list[Record], int]:
     """The rows that pass every test (in file order), and how many were dropped for an empty
-    value where `min`/`max` wanted a number."""
+    value where `min`/`max` wanted a number; `under` is the task key the tests came from."""
     kept, blank = [], 0
     for r in rows:
         for t in tests:
             if t.name not in r.fields:
-                raise TunelabError(f"{r.where}: missing field {t.name!r}, which `filter:` tests")
+                raise TunelabError(f"{r.where}: missing field {t.name!r}, which `{under}:` tests")
             value = r.fields[t.name]
             try:
                 if not t.keeps(value):
@@ -91,13 +91,13 @@ def _filter_rows(
             except ValueError:
                 raise TunelabError(
                     f"{r.where}: field {t.name!r} is {value!r}, not a number "
-                    f"(filter.{t.name} compares it with min/max)"
+                    f"({under}.{t.name} compares it with min/max)"
                 ) from None
         else:
             kept.append(r)
     if rows and not kept:
         raise TunelabError(
-            f"{rows[0].source}: split {split!r}: `filter:` ({task.where('filter')}) kept none "
+            f"{rows[0].source}: split {split!r}: `{under}:` ({task.where(under)}) kept none "
             f"of its {len(rows):,} rows"
         )
     return kept, blank
@@ -145,6 +145,10 @@ def _carve(rows: list[Record], size: float, rng: random.Random):
     # carved rows stay shuffled: files are often sorted by label, and `--limit N` should then
     # still look at a fair sample
     return [rows[i] for i in order[:n]], [r for i, r in enumerate(rows) if i not in carved]
+
+
+def _inputs(task: TaskSpec, r: Record) -> tuple:
+    return tuple(str(r.fields.get(name)) for name in task.input_fields)
 
 
 def _balanced(task: TaskSpec, split: str, rows: list[Record], size: float, rng: random.Random):
@@ -198,10 +202,17 @@ def load_splits(
     rng = random.Random(task.validation.seed)
     train = splits["train"]
     for split, size in task.holdout.items():
+        pool = train
+        if task.holdout_filter:  # carve only from the rows it keeps; train keeps the others too
+            pool, _ = _filter_rows(task, "train", train, task.holdout_filters(), "holdout_filter")
         if task.holdout_balanced:
-            splits[split], train = _balanced(task, split, train, size, rng)
+            splits[split], _ = _balanced(task, split, pool, size, rng)
         else:
-            splits[split], train = _carve(train, size, rng)
+            splits[split], _ = _carve(pool, size, rng)
+        # a row whose inputs read the same as a held-out row's (a retweet, a repost) leaves
+        # train too: the split then scores rows that nothing was trained on
+        held = {_inputs(task, r) for r in splits[split]}
+        train = [r for r in train if _inputs(task, r) not in held]
     rest: list[Record] = []
     if task.few_shot is not None:
         if task.label_field is None:

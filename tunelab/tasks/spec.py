@@ -84,9 +84,10 @@ class RowFilter:
     not_among: tuple[str, ...] = ()  # `not_in`
 
     @classmethod
-    def parse(cls, name: str, ops: dict, where) -> RowFilter:
-        """From `{min: 0.9}` or `{in: [a, b]}`; `where(key)` names a key's file:line."""
-        key = f"filter.{name}"
+    def parse(cls, name: str, ops: dict, where, under: str = "filter") -> RowFilter:
+        """From `{min: 0.9}` or `{in: [a, b]}` under the task key `under`; `where(key)` names a
+        key's file:line."""
+        key = f"{under}.{name}"
         if not ops:
             raise TunelabError(
                 f"{where(key)}: {key}: no operator (use {', '.join(FILTER_OPERATORS)})"
@@ -169,6 +170,8 @@ class TaskSpec:
     dataset: dict | None = None  # {"name": ..., "config": ...} for Hugging Face datasets
     holdout: dict[str, float] = field(default_factory=dict)  # split -> rows (or a fraction)
     holdout_balanced: bool = False  # each holdout split: as many rows of every label
+    # field -> tests, as `filter`: the rows a holdout split may take (train keeps the rest)
+    holdout_filter: dict[str, dict] = field(default_factory=dict)
     answer_prefix: str = " "
     few_shot: FewShot | None = None
     # field -> {min, max, in, not_in}: rows kept before any splitting (see RowFilter)
@@ -192,6 +195,13 @@ class TaskSpec:
     def row_filters(self) -> list[RowFilter]:
         """`filter:` as one test per field (a row must pass them all)."""
         return [RowFilter.parse(name, ops, self.where) for name, ops in self.filter.items()]
+
+    def holdout_filters(self) -> list[RowFilter]:
+        """`holdout_filter:` as one test per field: the rows holdout splits are carved from."""
+        return [
+            RowFilter.parse(name, ops, self.where, "holdout_filter")
+            for name, ops in self.holdout_filter.items()
+        ]
 
     @property
     def target_fields(self) -> list[str]:
@@ -242,6 +252,7 @@ class TaskSpec:
         self._check_kind()
         self._check_numbers()
         self.row_filters()  # a bad `filter:` raises here, naming its line
+        self.holdout_filters()
         self._check_calibrate()
         if not self.data and not self.dataset:
             raise TunelabError(
@@ -356,6 +367,10 @@ class TaskSpec:
             raise TunelabError(
                 f"{self.where('validation.size')}: validation.size must be >= 0, "
                 f"got {self.validation.size}"
+            )
+        if self.holdout_filter and not self.holdout:
+            raise TunelabError(
+                f"{self.where('holdout_filter')}: holdout_filter: needs a `holdout:` split"
             )
         if self.holdout_balanced and (not self.holdout or self.label_field is None):
             raise TunelabError(
