@@ -21,7 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	# the built-in demo task side by side: zero-shot, in-context, and four methods trained on the
-	# same rows for 60 steps; prints a summary and where the report is (~15 minutes on 2 cores)
+	# same rows for 60 steps; prints a summary and where the report is (~20 minutes on 2 cores)
 	$(VENV)/bin/tunelab compare --task demo --out runs/demo \
 		--methods zero-shot,in-context,prompt-tuning,prefix,lora,full \
 		--set steps=60 --set eval_every=30 --set bf16=auto $(DEMO_ARGS)
