@@ -136,8 +136,13 @@ def _per_class(task: TaskSpec, rows: list[Record], k: int, rng: random.Random):
     return taken, [r for r in rows if id(r) not in ids]
 
 
+def _count(size: float, rows: list[Record]) -> int:
+    """`size` as a number of rows: a fraction (< 1) of `rows`, else a count."""
+    return int(round(size * len(rows))) if size < 1 else int(size)
+
+
 def _carve(rows: list[Record], size: float, rng: random.Random):
-    n = int(round(size * len(rows))) if size < 1 else int(size)
+    n = _count(size, rows)
     n = min(n, len(rows) - 1)
     order = list(range(len(rows)))
     rng.shuffle(order)
@@ -154,7 +159,7 @@ def _inputs(task: TaskSpec, r: Record) -> tuple:
 def _balanced(task: TaskSpec, split: str, rows: list[Record], size: float, rng: random.Random):
     """`holdout_balanced`: carve `size` rows (or a fraction) as the same number of each label,
     so that accuracy on the split weighs every class alike; too few of a label is an error."""
-    n = int(round(size * len(rows))) if size < 1 else int(size)
+    n = _count(size, rows)
     per = n // len(task.labels)
     counts = Counter(label_of(task, r) for r in rows)
     short = [label for label in task.labels if counts[label] <= per]
