@@ -11,7 +11,7 @@ from tunelab.methods.base import TunedLM, load_trainable, save_trainable, set_tr
 
 @dataclass
 class FullConfig:
-    lr: float = 2e-5
+    lr: float = 5e-5  # searched: SST-2 kept 2e-5, TREC and the demo chose 9.5e-5 (RESULTS.md)
     weight_decay: float = 0.01
 
     def __post_init__(self):

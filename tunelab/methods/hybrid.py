@@ -38,7 +38,7 @@ class HybridConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: str = "all-linear"
-    lr: float = 2e-4  # the core's
+    lr: float = 1e-3  # the core's: LoRA's default
     weight_decay: float = 0.0
     core: str = ""  # a trained `lora` artifact to freeze and build on; empty: train a new core
     # two: a new core trains first (OUT/core), then the prompt on it, frozen; joint: both at once
