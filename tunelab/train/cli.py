@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from pathlib import Path
 
 from tunelab import api, methods
 from tunelab.errors import SettingError, TunelabError
 from tunelab.evaluate.metrics import headline
 from tunelab.pipeline import TrainResult, calibrated_text
+from tunelab.train import distributed
 from tunelab.train.config import TrainConfig, parse_pairs
 
 
@@ -125,6 +128,13 @@ def run(args: argparse.Namespace) -> None:
     if result is not None:  # None on the ranks other than 0 of a distributed run
         for line in result_lines(result):
             print(line)
+    if distributed.world().distributed:
+        # Every file is written and the process group is left. Skip the interpreter's and C++'s
+        # teardown: gloo's threads, torn down there, have aborted a finished rank now and then
+        # ("terminate called without an active exception", SIGABRT, and torchrun fails the run).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def result_lines(result: TrainResult) -> list[str]:
