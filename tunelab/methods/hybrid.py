@@ -23,23 +23,27 @@ CORE_DIR = "core"  # the two-stage hybrid's stage 1: a LoRA artifact of its own,
 STAGES = ("two", "joint")
 
 
+_PROMPT = prompt_tuning.PromptTuningConfig()  # the defaults each part takes from its method
+_LORA = lora.LoraSettings()
+
+
 @dataclass
 class HybridConfig:
     # the soft prompt (see prompt_tuning.PromptTuningConfig)
-    num_virtual_tokens: int = 20
-    init: str = "vocab"  # on a trained core it disturbs the core's answers least (RESULTS.md)
-    init_text: str = ""
-    insert: str = "after_bos"
-    prompt_lr: float = 3e-2
-    reparameterize: str = "none"  # residual: an MLP over the prompt while training, then folded
-    bottleneck: int = 256
+    num_virtual_tokens: int = _PROMPT.num_virtual_tokens
+    init: str = "vocab"  # its own choice: on a trained core it disturbs the core least (RESULTS.md)
+    init_text: str = _PROMPT.init_text
+    insert: str = _PROMPT.insert
+    prompt_lr: float = _PROMPT.lr
+    reparameterize: str = _PROMPT.reparameterize  # residual: an MLP over the prompt, then folded
+    bottleneck: int = _PROMPT.bottleneck
     # the LoRA core (see lora.LoraSettings)
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: str = "all-linear"
-    lr: float = 1e-3  # the core's: LoRA's default
-    weight_decay: float = 0.0
+    r: int = _LORA.r
+    alpha: int = _LORA.alpha
+    dropout: float = _LORA.dropout
+    target_modules: str = _LORA.target_modules
+    lr: float = _LORA.lr  # the core's
+    weight_decay: float = _LORA.weight_decay
     core: str = ""  # a trained `lora` artifact to freeze and build on; empty: train a new core
     # two: a new core trains first (OUT/core), then the prompt on it, frozen; joint: both at once
     stages: str = "two"
